@@ -1,0 +1,1 @@
+"""MMPR preference data: reading, tiling, template + label masks, collation."""

@@ -1,0 +1,56 @@
+"""Batching preference pairs: chosen rows first, then rejected rows, one set of tiles per pair."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mpo.data.template import IGNORE_INDEX
+
+
+class PairCollator:
+    """Pads pairs into one batch of ``2 * B`` sequences.
+
+    Output:
+        input_ids, attention_mask, labels: ``(2B, L)``; rows ``[0, B)`` are the chosen answers,
+            rows ``[B, 2B)`` the rejected ones, in the same pair order; right padding.
+        pixel_values: ``(sum of tiles, 3, S, S)`` in pair order, each pair's tiles once (both
+            answers reuse them), or absent when no pair has an image.
+        num_pairs: B. Pairs that are None (skipped bad samples) are dropped and counted.
+    """
+
+    def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX):
+        self.pad_token_id = pad_token_id
+        self.ignore_index = ignore_index
+        self.dropped = 0
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        pairs = [it for it in items if it is not None]
+        self.dropped += len(items) - len(pairs)
+        if not pairs:
+            return {"num_pairs": 0}
+        seqs = [p["chosen_input_ids"] for p in pairs] + [p["rejected_input_ids"] for p in pairs]
+        labs = [p["chosen_labels"] for p in pairs] + [p["rejected_labels"] for p in pairs]
+        length = max(len(s) for s in seqs)
+        n = len(seqs)
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, length), self.ignore_index, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        for row, (s, lab) in enumerate(zip(seqs, labs)):
+            input_ids[row, : len(s)] = s
+            labels[row, : len(lab)] = torch.where(lab == IGNORE_INDEX, self.ignore_index, lab)
+            attention_mask[row, : len(s)] = 1
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "num_pairs": len(pairs),
+        }
+        pixels = [p["pixel_values"] for p in pairs if p.get("pixel_values") is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in pairs[0]:
+                batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float64)
+        return batch

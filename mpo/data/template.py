@@ -1,0 +1,98 @@
+"""InternVL's ``internvl2_5`` chat template and which tokens are trained.
+
+Follows ``preprocess_internvl2_5`` in OpenGVLab/InternVL ``internvl_chat/internvl/train/dataset.py``:
+each turn is rendered and tokenized on its own, then concatenated; in the assistant turn the
+``<|im_start|>assistant\\n`` prefix and the final ``\\n`` are masked, so the trained tokens are the
+answer text plus ``<|im_end|>`` (shared/docs/internvl-facts.md §3).
+"""
+
+from __future__ import annotations
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+
+
+class TemplateError(ValueError):
+    """The question's image placeholders do not fit the images given."""
+
+
+def image_span(num_image_tokens: int) -> str:
+    """``<img>`` + ``<IMG_CONTEXT>`` x n + ``</img>``: what one ``<image>`` becomes."""
+    return IMG_START + IMG_CONTEXT * num_image_tokens + IMG_END
+
+
+def expand_image_placeholders(question: str, image_token_counts: list[int]) -> str:
+    """Replace each ``<image>`` with its image span; prefix ``<image>\\n`` for one image without one.
+
+    Args:
+        question: the user text, possibly holding ``<image>`` placeholders.
+        image_token_counts: tokens per image (tokens per tile x tiles), in image order.
+
+    Raises:
+        TemplateError: when the placeholder count differs from the image count.
+    """
+    n_images = len(image_token_counts)
+    count = question.count(IMAGE_PLACEHOLDER)
+    if n_images == 1 and count == 0:
+        question = IMAGE_PLACEHOLDER + "\n" + question
+        count = 1
+    if count != n_images:
+        raise TemplateError(f"question has {count} '<image>' placeholder(s) but the sample has {n_images} image(s)")
+    for n in image_token_counts:
+        question = question.replace(IMAGE_PLACEHOLDER, image_span(n), 1)
+    return question
+
+
+def system_turn(system_message: str | None) -> str:
+    msg = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+    return f"<|im_start|>system\n{msg}<|im_end|>\n"
+
+
+def user_turn(question: str) -> str:
+    return f"<|im_start|>user\n{question}<|im_end|>\n"
+
+
+def assistant_turn(answer: str) -> str:
+    return f"<|im_start|>assistant\n{answer}<|im_end|>\n"
+
+
+ASSISTANT_PREFIX = "<|im_start|>assistant\n"
+
+
+class TemplateEncoder:
+    """Tokenizes prompts and answers exactly as InternVL's training code does."""
+
+    def __init__(self, tokenizer, system_message: str | None = None):
+        self.tokenizer = tokenizer
+        self.system_message = system_message
+        self.prefix_ids = self._encode(ASSISTANT_PREFIX)
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_prompt(self, question_expanded: str) -> list[int]:
+        """System turn + user turn (image spans already expanded)."""
+        return self._encode(system_turn(self.system_message)) + self._encode(user_turn(question_expanded))
+
+    def encode_answer(self, answer: str) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one assistant turn.
+
+        Returns:
+            (ids, labels): equal-length lists; labels are IGNORE_INDEX on the assistant prefix and
+            the trailing newline, so only the answer and ``<|im_end|>`` are trained.
+        """
+        ids = self._encode(assistant_turn(answer))
+        n = len(self.prefix_ids)
+        # Masking by prefix length is only right when the turn starts with the prefix's tokens.
+        if ids[:n] != self.prefix_ids or len(ids) < n + 2:
+            raise TemplateError("assistant answer does not tokenize after the '<|im_start|>assistant\\n' prefix")
+        labels = [IGNORE_INDEX] * n + ids[n:-1] + [IGNORE_INDEX]
+        return ids, labels

@@ -1,0 +1,80 @@
+"""InternVL dynamic-resolution tiling and pixel normalisation.
+
+Same algorithm as ``dynamic_preprocess`` / ``build_transform`` in OpenGVLab/InternVL
+(``internvl_chat/internvl/train/dataset.py``): choose the (cols, rows) grid whose aspect ratio is
+closest to the image's (ties go to the larger grid only when the image area exceeds half the
+grid's pixel area), resize with BICUBIC, cut row-major, append a thumbnail of the whole image when
+there is more than one tile, then normalise with ImageNet mean/std (facts §2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """All (cols, rows) with min_num <= cols*rows <= max_num, in InternVL's order (by area)."""
+    grids = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def choose_grid(width: int, height: int, min_num: int, max_num: int, image_size: int) -> tuple[int, int]:
+    """The (cols, rows) grid InternVL picks for a ``width`` x ``height`` image."""
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(min_num, max_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def dynamic_tiles(
+    image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
+    """Cut an RGB image into InternVL tiles (plus the thumbnail when there are several)."""
+    width, height = image.size
+    cols, rows = choose_grid(width, height, min_num, max_num, image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    tiles = []
+    for i in range(cols * rows):
+        x, y = (i % cols) * image_size, (i // cols) * image_size
+        tiles.append(resized.crop((x, y, x + image_size, y + image_size)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def normalize_tiles(tiles: list[Image.Image], image_size: int) -> torch.Tensor:
+    """Tiles -> float tensor ``(num_tiles, 3, image_size, image_size)``, ImageNet-normalised."""
+    out = torch.empty(len(tiles), 3, image_size, image_size, dtype=torch.float32)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for k, tile in enumerate(tiles):
+        if tile.size != (image_size, image_size):
+            tile = tile.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        arr = torch.from_numpy(np.asarray(tile.convert("RGB"), dtype=np.uint8).copy())
+        out[k] = (arr.permute(2, 0, 1).float() / 255.0 - mean) / std
+    return out
+
+
+def tile_image(
+    image: Image.Image, max_num: int, image_size: int, min_num: int = 1, use_thumbnail: bool = True
+) -> torch.Tensor:
+    """One image -> normalised tiles ``(num_tiles, 3, image_size, image_size)``."""
+    tiles = dynamic_tiles(image.convert("RGB"), min_num, max_num, image_size, use_thumbnail)
+    return normalize_tiles(tiles, image_size)

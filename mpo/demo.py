@@ -1,0 +1,84 @@
+"""Deterministic demo preference data in the MMPR format: coloured shapes a tiny model can learn.
+
+Each image holds one filled shape on a grey background. Questions ask its colour or its kind;
+``chosen`` is the right answer with a short reason, ``rejected`` a wrong one. Answering needs
+the image (every colour/shape is equally likely in both roles), so held-out preference accuracy
+only rises above 0.5 when the model really uses the vision path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 220, 30),
+    "purple": (140, 40, 180),
+    "orange": (245, 140, 20),
+}
+SHAPES = ["circle", "square"]
+
+
+def draw_shape(color: str, shape: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    w, h = size
+    img = Image.new("RGB", size, (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    r = int(min(w, h) * rng.uniform(0.28, 0.4))
+    cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=COLORS[color])
+    else:
+        d.rectangle(box, fill=COLORS[color])
+    return img
+
+
+def make_pair(rng: random.Random, image_rel: str, color: str, shape: str) -> dict:
+    if rng.random() < 0.7:
+        wrong = rng.choice([c for c in COLORS if c != color])
+        question = "<image>\nWhat color is the shape? Answer with one word."
+        chosen = f"The shape is {color}."
+        rejected = f"The shape is {wrong}."
+    else:
+        wrong = next(s for s in SHAPES if s != shape)
+        question = "What shape is shown?"  # no placeholder: the loader prefixes "<image>\n"
+        chosen = f"It is a {shape}."
+        rejected = f"It is a {wrong}."
+    return {"image": image_rel, "question": question, "chosen": chosen, "rejected": rejected, "answer_gt": color}
+
+
+def write_demo_data(out_dir: str | Path, n_train: int = 480, n_eval: int = 120, seed: int = 0) -> dict[str, Path]:
+    """Write images, ``train.jsonl``/``eval.jsonl`` and the two meta files; returns their paths."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = {}
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        lines = []
+        for i in range(n):
+            color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            # Mostly one tile; every fifth image is wide, so it is tiled 2x1 plus a thumbnail.
+            size = (128, 64) if i % 5 == 4 else (64, 64)
+            rel = f"images/{split}_{i:05d}.png"
+            draw_shape(color, shape, size, rng).save(out / rel)
+            lines.append(json.dumps(make_pair(rng, rel, color, shape)))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        meta = {
+            f"shapes_{split}": {
+                "root": ".",
+                "annotation": f"{split}.jsonl",
+                "data_augment": False,
+                "repeat_time": 1,
+                "length": n,
+                "max_dynamic_patch": 4,
+            }
+        }
+        paths[split] = out / f"meta_{split}.json"
+        paths[split].write_text(json.dumps(meta, indent=1))
+    return paths

@@ -1,0 +1,69 @@
+"""DeepSpeed and multi-process glue: CPU launches, the reference model under ZeRO, rank helpers."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_cpu_distributed(training: dict) -> None:
+    """Make accelerate honour a ``deepspeed`` CLI launch on a machine without CUDA.
+
+    Under ``Trainer(deepspeed=...)`` on CPU, accelerate ends up with one process and no backend
+    (every rank thinks it is rank 0). Building the PartialState ourselves with gloo while
+    ACCELERATE_USE_DEEPSPEED is set, then telling the Trainer to use that configured state, gives
+    each rank its own identity (facts §7).
+    """
+    if torch.cuda.is_available() or not training.get("deepspeed"):
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    config = dict(training.get("accelerator_config") or {})
+    config["use_configured_state"] = True
+    training["accelerator_config"] = config
+    training["use_cpu"] = False  # the configured state decides the device
+
+
+def prepare_reference_for_deepspeed(ref_model: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Frozen reference under DeepSpeed: sharded for inference under ZeRO-3, replicated otherwise.
+
+    Under ZeRO-3 the reference is wrapped by ``deepspeed.initialize`` with no optimizer so its
+    parameters stay partitioned like the policy's; under ZeRO-1/2 a plain frozen copy on the
+    device is what DeepSpeed would keep anyway (ZeRO-1/2 only shard optimizer state and grads).
+    """
+    import deepspeed
+
+    plugin = accelerator.state.deepspeed_plugin
+    ds_config = copy.deepcopy(plugin.deepspeed_config)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        return ref_model.to(accelerator.device)
+    ds_config["zero_optimization"] = {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_prefetch_bucket_size": 0,
+    }
+    for key in ("optimizer", "scheduler"):
+        ds_config.pop(key, None)
+    ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
+    ds_config.pop("gradient_accumulation_steps", None)
+    ds_config.pop("train_batch_size", None)
+    engine, *_ = deepspeed.initialize(model=ref_model, config=ds_config)
+    engine.eval()
+    return engine

@@ -1,0 +1,121 @@
+"""Batch -> per-sequence response log-probs, with one vision pass per pair.
+
+Two things the public MPO trainers do not do (facts §6):
+- the vision encoder and projector run once per pair; the features go into both the chosen and
+  the rejected sequence;
+- only hidden states at trained (response) positions go through the LM head, in chunks, so no
+  ``(batch, seq, vocab)`` logits tensor is ever built for the image and prompt tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mpo.data.template import IGNORE_INDEX
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence results for the ``2B`` rows of a pair batch (chosen rows first)."""
+
+    logps: torch.Tensor  # (2B,) summed log-prob of the trained tokens
+    num_tokens: torch.Tensor  # (2B,) trained tokens per row
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.logps.shape[0] // 2
+        return self.logps[:half], self.logps[half:]
+
+
+def token_logps_brute_force(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Reference implementation: full ``log_softmax`` + ``gather``; summed per row, ``(N,)``."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+def response_logps(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Module,
+    chunk_size: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+) -> SequenceLogps:
+    """Log-probs of trained tokens from final hidden states, LM head applied only there.
+
+    Args:
+        hidden: ``(N, L, H)`` last hidden states. labels: ``(N, L)``, ``ignore_index`` where untrained.
+        lm_head: the output projection (tied to the embeddings in InternVL2.5-1B).
+        chunk_size: positions per LM-head call; bounds the logits buffer to ``chunk x vocab``.
+    """
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    rows, cols = mask.nonzero(as_tuple=True)  # positions t whose next token t+1 is trained
+    selected = hidden[:, :-1][rows, cols]  # (T, H)
+    tokens = targets[rows, cols]
+    parts = []
+    for start in range(0, selected.shape[0], chunk_size):
+        logits = lm_head(selected[start : start + chunk_size]).float()
+        # log p(token) = logit[token] - logsumexp(logits): avoids a second (chunk, vocab) buffer.
+        tok = tokens[start : start + chunk_size]
+        parts.append(logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1))
+    token_lp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    n = labels.shape[0]
+    logps = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_lp)
+    counts = mask.sum(-1)
+    return SequenceLogps(logps=logps, num_tokens=counts)
+
+
+def image_features_once(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision tower + projector over each pair's tiles once: ``(tiles, tokens_per_tile, H)``."""
+    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    return out.pooler_output
+
+
+def pair_hidden_states(model, batch: dict) -> torch.Tensor:
+    """Last hidden states ``(2B, L, H)`` for a pair batch, the vision pass shared by both halves."""
+    core = model.model
+    input_ids = batch["input_ids"]
+    embeds = core.get_input_embeddings()(input_ids)
+    pixel_values = batch.get("pixel_values")
+    if pixel_values is not None:
+        feats = image_features_once(model, pixel_values).to(embeds.dtype)
+        # Chosen rows [0, B) and rejected rows [B, 2B) hold the same image tokens in the same
+        # order, so the row-major placeholder order is: every pair's features, then again.
+        feats = torch.cat([feats, feats]).reshape(-1, embeds.shape[-1])
+        mask = input_ids == model.config.image_token_id
+        if int(mask.sum()) != feats.shape[0]:
+            raise ValueError(
+                f"image tokens ({int(mask.sum())}) and image features ({feats.shape[0]}) disagree: "
+                "the tile count or tokens per tile do not match the model's vision config"
+            )
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
+    out = core.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
+    return out.last_hidden_state
+
+
+def batch_logps(model, batch: dict, chunk_size: int = 4096) -> SequenceLogps:
+    """Summed response log-probs of every row of a pair batch (see ``PairCollator``)."""
+    hidden = pair_hidden_states(model, batch)
+    return response_logps(hidden, batch["labels"], model.get_output_embeddings(), chunk_size)
+
+
+def naive_batch_logps(model, batch: dict) -> SequenceLogps:
+    """The peers' path, for tests: a full forward per half with its own vision pass and full logits."""
+    half = batch["input_ids"].shape[0] // 2
+    results = []
+    for rows in (slice(0, half), slice(half, None)):
+        out = model(
+            input_ids=batch["input_ids"][rows],
+            attention_mask=batch["attention_mask"][rows],
+            pixel_values=batch.get("pixel_values"),
+            use_cache=False,
+        )
+        results.append(token_logps_brute_force(out.logits, batch["labels"][rows]))
+    labels = batch["labels"]
+    return SequenceLogps(logps=torch.cat(results), num_tokens=(labels[:, 1:] != IGNORE_INDEX).sum(-1))
+
+

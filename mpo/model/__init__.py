@@ -1,0 +1,1 @@
+"""Model loading, tiny test models, formats, freezing and LoRA."""

@@ -1,0 +1,55 @@
+"""Loading an InternVL checkpoint (policy and reference) and its tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model path is missing or is not an InternVL checkpoint."""
+
+
+def check_model_path(path: str) -> None:
+    """Fail early and clearly on a local path that does not exist or holds no config.json.
+
+    Anything that is not an existing folder and looks like ``owner/name`` is treated as a hub id.
+    """
+    p = Path(path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"model.path {path}: folder has no config.json, so it is not a checkpoint")
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        architectures = json.loads((p / "config.json").read_text()).get("architectures") or []
+        if model_type != "internvl" and "InternVLChatModel" not in architectures:
+            raise ModelLoadError(
+                f"model.path {path}: config.json has model_type={model_type!r}, architectures={architectures}; "
+                "expected an InternVL checkpoint (native 'internvl' or original 'InternVLChatModel')"
+            )
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelLoadError(f"model.path {path}: no such folder (and it is not a hub id of the form owner/name)")
+
+
+def load_tokenizer(path: str):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(path: str, torch_dtype: str = "float32", attn_implementation: str = "sdpa") -> InternVLForConditionalGeneration:
+    """Load an InternVL checkpoint in native (-hf) format; original format is converted in memory."""
+    check_model_path(path)
+    p = Path(path)
+    if p.exists():
+        arch = json.loads((p / "config.json").read_text()).get("architectures") or []
+        if "InternVLChatModel" in arch:
+            from mpo.model.convert import load_original_as_native
+
+            return load_original_as_native(p, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation)
+    return InternVLForConditionalGeneration.from_pretrained(
+        path, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation
+    )

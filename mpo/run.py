@@ -1,0 +1,163 @@
+"""Build everything a training run needs from an ExperimentConfig, train, and write the outputs.
+
+Output directory layout (``training.output_dir``)::
+
+    config.yaml           resolved configuration
+    run_info.json         library versions, git commit, world size, dataset sizes
+    metrics.jsonl         one JSON line per logging step (train and eval)
+    checkpoint-N/         model, optimizer, scheduler, RNG, trainer_state.json, mpo_state.json (δ),
+                          checkpoint_complete.json (written last; resume only picks complete ones)
+    final/                HF-format model + tokenizer (InternVLForConditionalGeneration.from_pretrained)
+    summary.json          final train/eval metrics and where the model is
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mpo.config import ConfigError, ExperimentConfig, save_config
+from mpo.distributed import is_main_process, launched_world_size, prepare_cpu_distributed
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ["torch", "transformers", "deepspeed", "peft", "trl", "datasets", "accelerate"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def resolve_resume(value: Any, output_dir: str) -> str | None:
+    """``latest`` -> newest complete checkpoint (None when there is none); a path must be complete."""
+    from mpo.trainer import COMPLETE_MARKER, latest_complete_checkpoint
+
+    if value in (None, False, ""):
+        return None
+    if value in (True, "latest"):
+        return latest_complete_checkpoint(output_dir)
+    path = Path(str(value))
+    if not path.is_dir():
+        raise ConfigError(f"training.resume_from_checkpoint: no such folder: {path}")
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ConfigError(f"training.resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER}); a save was interrupted")
+    return str(path)
+
+
+def build_trainer(cfg: ExperimentConfig):
+    """TrainingArguments, models, datasets and the MPOTrainer for ``cfg``; returns (trainer, resume)."""
+    from transformers import TrainingArguments
+
+    from mpo.data.collate import PairCollator
+    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.loss import LossWeights
+    from mpo.model.loading import check_model_path, load_model, load_tokenizer
+    from mpo.trainer import MPOTrainer
+
+    check_model_path(cfg.model.path)
+    training = dict(cfg.training)
+    resume_value = training.pop("resume_from_checkpoint", None)
+    if launched_world_size() > 1 and not training.get("deepspeed"):
+        raise ConfigError(
+            "several processes were launched but training.deepspeed is not set: multi-process training "
+            "runs under DeepSpeed (e.g. training.deepspeed=configs/deepspeed/zero2.json)"
+        )
+    prepare_cpu_distributed(training)
+    # Created before from_pretrained so that ZeRO-3 can partition the weights as they load.
+    args = TrainingArguments(**training)
+    resume = resolve_resume(resume_value, args.output_dir)
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    model = load_model(cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
+    from mpo.model.freeze import apply_freezing
+
+    apply_freezing(model, cfg.model)
+    ref_model = None
+    if cfg.model.reference == "copy":
+        ref_model = load_model(cfg.model.ref_path or cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
+    vision = VisionSpec.from_model_config(model.config)
+    train_ds = PairDataset(cfg.data.meta_path, tokenizer, vision, cfg.data)
+    eval_ds = PairDataset(cfg.data.eval_meta_path, tokenizer, vision, cfg.data) if cfg.data.eval_meta_path else None
+    trainer = MPOTrainer(
+        model=model,
+        args=args,
+        ref_model=ref_model,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        loss_weights=LossWeights.from_config(cfg.loss),
+        reference=cfg.model.reference,
+        logprob_chunk_size=cfg.model.logprob_chunk_size,
+    )
+    return trainer, resume
+
+
+def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Train per ``cfg``; returns the summary also written to ``summary.json``."""
+    trainer, resume = build_trainer(cfg)
+    out_dir = Path(trainer.args.output_dir)
+    main = trainer.args.should_save
+    if main:
+        save_config(cfg, out_dir)
+        info = {
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+            "world_size": trainer.args.world_size,
+            "train_pairs": trainer.train_dataset.source.counts(),
+            "eval_pairs": trainer.eval_dataset.source.counts() if trainer.eval_dataset is not None else {},
+            "resumed_from": resume,
+        }
+        (out_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+    result = trainer.train(resume_from_checkpoint=resume)
+    final_dir = out_dir / "final"
+    trainer.save_model(str(final_dir))
+    summary: dict[str, Any] = {
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "bco_delta": trainer.reward_shift.value,
+        "final_model": str(final_dir),
+        "skipped_train_samples": dict(trainer.train_dataset.skipped),
+    }
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        summary["eval"] = {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}
+    if main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"steps: {summary['global_step']}   train loss: {summary['train_loss']:.4f}   bco delta: {summary['bco_delta']:.4f}"]
+    ev = summary.get("eval")
+    if ev:
+        lines.append(
+            "held-out: preference accuracy {acc:.3f}   reward margin {m:.3f}   loss {l:.4f}".format(
+                acc=ev.get("rewards/accuracies", float("nan")), m=ev.get("rewards/margins", float("nan")), l=ev.get("loss", float("nan"))
+            )
+        )
+    lines.append(f"final model: {summary['final_model']}")
+    return "\n".join(lines)
+
+
+def main_process() -> bool:
+    return is_main_process() and os.environ.get("LOCAL_RANK", "0") == "0"

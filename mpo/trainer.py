@@ -1,0 +1,214 @@
+"""MPOTrainer: transformers.Trainer with the MPO loss, a reference model and BCO's δ as state."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback
+
+from mpo.logprobs import batch_logps
+from mpo.loss import LossWeights, RewardShift, mpo_loss
+
+MPO_STATE_NAME = "mpo_state.json"
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _dist_ready():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends one JSON line per logging event to ``<output_dir>/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time()}
+        for k, v in logs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            if isinstance(v, float) and not math.isfinite(v):
+                v = str(v)
+            record[k] = v
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class MPOTrainer(Trainer):
+    """Trains with ``w_p·L_p + w_q·L_q(δ) + w_g·L_g`` (see ``mpo.loss``).
+
+    Args:
+        ref_model: frozen reference (``reference=copy``); None for ``lora_disabled`` (the policy
+            with its adapters switched off) or ``cache`` (batches carry reference log-probs).
+        loss_weights: the MPO loss settings.
+        reference: ``copy``, ``lora_disabled`` or ``cache``.
+        logprob_chunk_size: response positions per LM-head call.
+    """
+
+    def __init__(
+        self,
+        *args,
+        ref_model: torch.nn.Module | None = None,
+        loss_weights: LossWeights | None = None,
+        reference: str = "copy",
+        logprob_chunk_size: int = 4096,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.loss_weights = loss_weights or LossWeights()
+        self.reference = reference
+        self.logprob_chunk_size = logprob_chunk_size
+        self.reward_shift = RewardShift()
+        self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._throughput = {"tokens": 0, "pairs": 0, "since": time.perf_counter()}
+        # compute_loss returns a per-micro-batch mean: let the Trainer divide by accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self.ref_model = ref_model
+        if reference == "copy":
+            if ref_model is None:
+                raise ValueError("reference=copy needs a ref_model")
+            self.ref_model = self._prepare_reference(ref_model)
+        self.add_callback(MetricsFileCallback(Path(self.args.output_dir) / "metrics.jsonl"))
+
+    # ---- reference model -------------------------------------------------------------------
+    def _prepare_reference(self, ref_model: torch.nn.Module) -> torch.nn.Module:
+        ref_model.eval()
+        ref_model.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            from mpo.distributed import prepare_reference_for_deepspeed
+
+            return prepare_reference_for_deepspeed(ref_model, self.accelerator)
+        return ref_model.to(self.args.device)
+
+    @torch.no_grad()
+    def reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of the chosen and rejected rows, ``(B,)`` each."""
+        if self.reference == "cache":
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        if self.reference == "lora_disabled":
+            policy = self.accelerator.unwrap_model(model)
+            with policy.disable_adapter():
+                was_training = policy.training
+                policy.eval()
+                try:
+                    out = batch_logps(policy.base_model.model, inputs, self.logprob_chunk_size)
+                finally:
+                    policy.train(was_training)
+            return out.split()
+        ref = self.ref_model.module if hasattr(self.ref_model, "module") else self.ref_model
+        return batch_logps(ref, inputs, self.logprob_chunk_size).split()
+
+    # ---- loss ------------------------------------------------------------------------------
+    def _policy(self, model):
+        unwrapped = self.accelerator.unwrap_model(model)
+        # peft wraps the InternVL model; the forward needs InternVL's own modules.
+        return unwrapped.base_model.model if hasattr(unwrapped, "disable_adapter") else unwrapped
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        train_eval = "train" if model.training else "eval"
+        policy = self._policy(model)
+        out = batch_logps(policy, inputs, self.logprob_chunk_size)
+        chosen_logps, rejected_logps = out.split()
+        half = chosen_logps.shape[0]
+        ref_chosen, ref_rejected = self.reference_logps(model, inputs)
+        beta = self.loss_weights.beta
+        if train_eval == "train":
+            # δ is updated with this micro-batch's rewards from every rank before the loss (facts §5).
+            rewards = beta * torch.cat([chosen_logps - ref_chosen, rejected_logps - ref_rejected]).detach()
+            stats = _all_reduce_sum(torch.stack([rewards.double().sum(), torch.tensor(rewards.numel(), dtype=torch.float64, device=rewards.device)]))
+            self.reward_shift.update(stats[0].item(), int(stats[1].item()))
+        delta = self.reward_shift.value
+        chosen_nll = -chosen_logps
+        loss, metrics = mpo_loss(
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_nll, out.num_tokens[:half], delta, self.loss_weights
+        )
+        self._store_metrics(metrics, train_eval)
+        if train_eval == "train":
+            self._throughput["tokens"] += int(inputs["attention_mask"].sum())
+            self._throughput["pairs"] += half
+        return (loss, metrics) if return_outputs else loss
+
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], train_eval: str) -> None:
+        keys = sorted(metrics)
+        vec = torch.stack([metrics[k].float() for k in keys])
+        if _dist_ready():
+            vec = _all_reduce_sum(vec) / dist.get_world_size()
+        for k, v in zip(keys, vec.tolist()):
+            self._stored[train_eval][k].append(v)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        train_eval = "train" if "loss" in logs else "eval"
+        prefix = "" if train_eval == "train" else "eval_"
+        for k, vals in self._stored[train_eval].items():
+            if vals:
+                logs[prefix + k] = sum(vals) / len(vals)
+        self._stored[train_eval].clear()
+        logs[prefix + "bco/delta"] = self.reward_shift.value
+        if train_eval == "train":
+            now = time.perf_counter()
+            elapsed = max(now - self._throughput["since"], 1e-9)
+            world = dist.get_world_size() if _dist_ready() else 1
+            logs["tokens_per_s"] = self._throughput["tokens"] * world / elapsed
+            logs["pairs_per_s"] = self._throughput["pairs"] * world / elapsed
+            self._throughput = {"tokens": 0, "pairs": 0, "since": now}
+        super().log(logs, start_time)
+
+    # ---- state: δ in every checkpoint ----------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            (ckpt / MPO_STATE_NAME).write_text(json.dumps({"reward_shift": self.reward_shift.state_dict()}))
+            # Written last: a checkpoint without it is incomplete and never resumed from.
+            (ckpt / COMPLETE_MARKER).write_text(json.dumps({"step": self.state.global_step, "time": time.time()}))
+        if _dist_ready():
+            dist.barrier()
+
+    def load_mpo_state(self, checkpoint: str | os.PathLike) -> None:
+        path = Path(checkpoint) / MPO_STATE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no {MPO_STATE_NAME}; not a checkpoint written by internvl-mpo")
+        self.reward_shift.load_state_dict(json.loads(path.read_text())["reward_shift"])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint:
+            self.load_mpo_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """Newest ``checkpoint-N`` folder of ``output_dir`` that carries the completion marker."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit() and (p / COMPLETE_MARKER).is_file():
+            found.append((int(p.name[11:]), p))
+    return str(max(found)[1]) if found else None
+
+
