@@ -78,6 +78,16 @@ class LossConfig:
     label_smoothing: float = 0.0  # for preference_type=sigmoid (conservative DPO)
 
 
+@dataclass
+class RunExtras:
+    """MPO-only run settings that sit in the ``training`` section beside TrainingArguments fields."""
+
+    sample_steps: int = 0  # every N steps, log greedy answers to fixed held-out prompts (0: off)
+    sample_num_prompts: int = 4
+    sample_max_new_tokens: int = 32
+    run_tags: list[str] = field(default_factory=list)  # wandb tags
+
+
 # TrainingArguments values we set unless the YAML says otherwise; MPO needs every batch column.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/mpo",
@@ -99,6 +109,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     training: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_DEFAULTS))
+    extras: RunExtras = field(default_factory=RunExtras)
     config_path: str | None = None  # where it was loaded from (not a YAML key)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,7 +117,7 @@ class ExperimentConfig:
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "loss": dataclasses.asdict(self.loss),
-            "training": dict(self.training),
+            "training": {**self.training, **dataclasses.asdict(self.extras)},
         }
 
 
@@ -203,9 +214,18 @@ def _apply(cfg: ExperimentConfig, raw: dict[str, Any], source: str) -> None:
 
 
 def _set_training(cfg: ExperimentConfig, hints: dict[str, Any], key: str, value: Any, source: str) -> None:
+    extra_hints = typing.get_type_hints(RunExtras)
+    if key in extra_hints:
+        value = _coerce(value, extra_hints[key])
+        if not _type_ok(value, extra_hints[key]):
+            raise ConfigError(
+                f"{source}: 'training.{key}' must be {_describe(extra_hints[key])}, got {value!r} ({type(value).__name__})"
+            )
+        setattr(cfg.extras, key, value)
+        return
     if key not in hints:
         raise ConfigError(
-            f"{source}: unknown key 'training.{key}' (not a transformers.TrainingArguments field){_suggest(key, hints)}"
+            f"{source}: unknown key 'training.{key}' (not a transformers.TrainingArguments field){_suggest(key, [*hints, *extra_hints])}"
         )
     value = _coerce(value, hints[key])
     if not _type_ok(value, hints[key]):
