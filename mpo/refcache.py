@@ -1,0 +1,462 @@
+"""Reference log-prob cache: computed once per pair, so training holds no reference model.
+
+TRL raises on ``precompute_ref_log_probs`` for vision data and ms-swift / LLaMA-Factory have no
+equivalent (facts §6). Here ``mpo precompute-ref --config X`` runs the reference model over every
+pair of ``data.meta_path`` (and ``data.eval_meta_path``) once and writes, in ``model.ref_cache``::
+
+    shard-00000-of-00002.safetensors   keys (N, 32) uint8 sha256 digests, chosen (N,), rejected (N,) float64
+    shard-00001-of-00002.safetensors
+    manifest.json                      format, model identity, data settings, shard list, counts
+                                       (written last: a folder without it is an unfinished cache)
+
+Each pair is keyed by a content hash (question/chosen/rejected text, the bytes of every image or
+video, the pair's tile budget), so a re-ordered, re-mixed or repeated data set still finds its
+values. What the values also depend on but is the same for every pair (reference weights and
+dtype, tokenizer, system message, max_length/truncation, tiling settings) lives in the manifest
+and is compared at load time: any difference is refused with an error naming it.
+
+Launch on several processes (``torchrun --nproc_per_node N -m mpo.cli precompute-ref ...``): rank
+r computes pairs r, r+N, ... and writes its own shard; rank 0 writes the manifest after a barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CACHE_FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+_SAMPLE_BYTES = 1 << 20  # bytes hashed at each of three places in a weight file
+_START_CHECK = 64  # pairs looked up when a cache is opened, to fail before training starts
+
+
+class RefCacheError(ValueError):
+    """The reference cache is missing, unfinished, or does not match this model / data."""
+
+
+# ---- identity of what the values depend on ----------------------------------------------------
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weight_fingerprint(path: Path) -> str:
+    """sha256 of a weight file's size, safetensors header and three 1 MiB samples.
+
+    A full hash of a 26B checkpoint would take minutes at every start; a fine-tune changes every
+    tensor, and the header pins names, shapes and dtypes, so header + samples tell checkpoints
+    apart at a fixed cost.
+    """
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors" and size >= 8:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            h.update(f.read(min(header_len, size - 8)))
+        for offset in (0, max(0, size // 2 - _SAMPLE_BYTES // 2), max(0, size - _SAMPLE_BYTES)):
+            f.seek(offset)
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _local_model_dir(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:  # a hub id: use the locally cached snapshot the training run would load
+        return Path(snapshot_download(path, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError) as exc:
+        raise RefCacheError(
+            f"reference model {path}: not a local folder and not in the hub cache ({exc})"
+        ) from exc
+
+
+def model_identity(path: str, torch_dtype: str) -> dict[str, Any]:
+    """What identifies the reference model's numbers: config.json, weight files, dtype."""
+    root = _local_model_dir(path)
+    config = root / "config.json"
+    if not config.is_file():
+        raise RefCacheError(f"reference model {path}: no config.json")
+    weights = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not weights:
+        raise RefCacheError(f"reference model {path}: no .safetensors or .bin weight files")
+    return {
+        "config_sha256": _sha256_file(config),
+        "weights": {
+            p.name: {"bytes": p.stat().st_size, "fingerprint": _weight_fingerprint(p)} for p in weights
+        },
+        "torch_dtype": torch_dtype,
+    }
+
+
+def data_settings(pair_dataset) -> dict[str, Any]:
+    """Settings shared by every pair of a ``PairDataset`` that change its tokens or pixels."""
+    cfg = pair_dataset.cfg
+    tokenizer = pair_dataset.encoder.template.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok_text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    vision = pair_dataset.encoder.vision
+    return {
+        "system_message": cfg.system_message,
+        "max_length": cfg.max_length,
+        "truncation": cfg.truncation,
+        "max_dynamic_patch": cfg.max_dynamic_patch,
+        "min_dynamic_patch": cfg.min_dynamic_patch,
+        "use_thumbnail": cfg.use_thumbnail,
+        "video_min_frames": cfg.video_min_frames,
+        "video_max_frames": cfg.video_max_frames,
+        "image_size": vision.image_size,
+        "tokens_per_tile": vision.tokens_per_tile,
+        "tokenizer_sha256": hashlib.sha256(tok_text.encode()).hexdigest(),
+    }
+
+
+def _media_paths(obj: dict) -> list[tuple[str, Any]]:
+    if obj.get("video") is not None:
+        return [("video", obj["video"])]
+    image = obj.get("image")
+    if image is None or image == []:
+        return []
+    return [("image", p) for p in (image if isinstance(image, list) else [image])]
+
+
+def pair_key(pair_dataset, index: int) -> bytes:
+    """sha256 digest (32 bytes) of pair ``index``: texts, media bytes and its tile budget."""
+    from mpo.data.pairs import resolve_media
+
+    spec, line_no, obj = pair_dataset.source.get(index)
+    where = f"{spec.annotation}:{line_no}"
+    media = []
+    for field, rel in _media_paths(obj):
+        path = resolve_media(spec.root, rel, where, field)
+        if not path.is_file():
+            raise RefCacheError(f"{where}: field '{field}': file not found: {path}")
+        media.append([field, _sha256_file(path)])
+    record = {
+        "question": obj.get("question"),
+        "chosen": obj.get("chosen"),
+        "rejected": obj.get("rejected"),
+        "media": media,
+        "tile_budget": spec.max_dynamic_patch or pair_dataset.cfg.max_dynamic_patch,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).digest()
+
+
+# ---- reading a cache ---------------------------------------------------------------------------
+
+
+def _diff(kind: str, cached: dict, expected: dict) -> list[str]:
+    out = []
+    for key in sorted(set(cached) | set(expected)):
+        if cached.get(key) != expected.get(key):
+            out.append(f"{kind}.{key}: cache has {cached.get(key)!r}, this run has {expected.get(key)!r}")
+    return out
+
+
+class RefCache:
+    """A finished cache folder: ``lookup(key) -> (ref_chosen_logps, ref_rejected_logps)``."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from safetensors.numpy import load_file
+
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST_NAME
+        if not path.is_file():
+            raise RefCacheError(
+                f"{self.folder}: no {MANIFEST_NAME}; not a reference cache, or `mpo precompute-ref` did not finish"
+            )
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise RefCacheError(
+                f"{path}: cache format {self.manifest.get('format')!r}, expected {CACHE_FORMAT}; recompute it"
+            )
+        self.values: dict[bytes, tuple[float, float]] = {}
+        for name in self.manifest["shards"]:
+            shard = self.folder / name
+            if not shard.is_file():
+                raise RefCacheError(f"{self.folder}: shard {name} listed in the manifest is missing")
+            arrays = load_file(str(shard))
+            for key, c, r in zip(arrays["keys"], arrays["chosen"].tolist(), arrays["rejected"].tolist()):
+                self.values[key.tobytes()] = (c, r)
+        if len(self.values) != self.manifest["num_unique_pairs"]:
+            raise RefCacheError(
+                f"{self.folder}: shards hold {len(self.values)} pairs, manifest says {self.manifest['num_unique_pairs']}"
+            )
+
+    def check(self, identity: dict[str, Any], settings: dict[str, Any]) -> None:
+        """Refuse a cache made with another reference model or other data settings."""
+        problems = _diff("model", self.manifest["model_identity"], identity)
+        problems += _diff("data", self.manifest["data_settings"], settings)
+        if problems:
+            raise RefCacheError(
+                f"reference cache {self.folder} does not match this run (rerun `mpo precompute-ref`):\n  - "
+                + "\n  - ".join(problems)
+            )
+
+    def lookup(self, key: bytes, where: str = "") -> tuple[float, float]:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise RefCacheError(
+                f"{where or 'a pair'} is not in the reference cache {self.folder} (the data changed since "
+                "`mpo precompute-ref`; rerun it)"
+            ) from None
+
+
+class RefCachedDataset(torch.utils.data.Dataset):
+    """A ``PairDataset`` whose items also carry ``ref_chosen_logps`` / ``ref_rejected_logps``."""
+
+    def __init__(self, pairs, cache: RefCache):
+        self.pairs = pairs
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getattr__(self, name: str):  # source, skipped, ... of the wrapped dataset (run.py reads them)
+        if name in ("pairs", "cache"):
+            raise AttributeError(name)
+        return getattr(self.pairs, name)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        item = self.pairs[i]
+        if item is None:  # a skipped bad sample: the collator drops it
+            return None
+        spec, line_no, _ = self.pairs.source.get(i)
+        c, r = self.cache.lookup(pair_key(self.pairs, i), f"{spec.annotation}:{line_no}")
+        return {**item, "ref_chosen_logps": c, "ref_rejected_logps": r}
+
+
+def open_ref_cache(
+    folder: str | os.PathLike, pair_dataset, ref_path: str, torch_dtype: str
+) -> RefCachedDataset:
+    """Open ``folder``, check it against the reference model and the data, wrap ``pair_dataset``.
+
+    A sample of pairs is looked up now so a cache made for other data fails before training
+    starts; every other pair is checked when it is loaded.
+    """
+    cache = RefCache(folder)
+    cache.check(model_identity(ref_path, torch_dtype), data_settings(pair_dataset))
+    n = len(pair_dataset)
+    for i in np.linspace(0, n - 1, num=min(n, _START_CHECK), dtype=np.int64).tolist() if n else []:
+        spec, line_no, _ = pair_dataset.source.get(i)
+        cache.lookup(pair_key(pair_dataset, i), f"{spec.annotation}:{line_no}")
+    return RefCachedDataset(pair_dataset, cache)
+
+
+# ---- computing a cache -------------------------------------------------------------------------
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """Pairs ``indices`` of a PairDataset, each item tagged with its content key."""
+
+    def __init__(self, pairs, indices: list[int]):
+        self.pairs, self.indices = pairs, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        item = self.pairs[self.indices[k]]
+        return None if item is None else {**item, "cache_key": pair_key(self.pairs, self.indices[k])}
+
+
+def shard_indices(pair_datasets: Iterable, rank: int, world: int) -> list[tuple[int, int]]:
+    """(dataset number, index) of every pair, strided over ranks: rank r takes r, r+world, ..."""
+    flat = [(d, i) for d, ds in enumerate(pair_datasets) for i in range(len(ds))]
+    return flat[rank::world]
+
+
+@torch.no_grad()
+def compute_shard(
+    model, pair_datasets: list, rank: int, world: int, batch_size: int, chunk_size: int, device
+) -> dict[bytes, tuple[float, float]]:
+    """Reference log-probs of this rank's share of the pairs, keyed by content hash."""
+    from mpo.data.collate import PairCollator
+    from mpo.logprobs import batch_logps
+
+    out: dict[bytes, tuple[float, float]] = {}
+    todo = shard_indices(pair_datasets, rank, world)
+    for d, ds in enumerate(pair_datasets):
+        collator = PairCollator(ds.encoder.template.tokenizer.pad_token_id)
+        indices = [i for dd, i in todo if dd == d]
+        loader = torch.utils.data.DataLoader(
+            _Keyed(ds, indices), batch_size=batch_size, collate_fn=lambda x: x
+        )
+        for items in loader:
+            items = [it for it in items if it is not None and it["cache_key"] not in out]
+            if not items:
+                continue
+            batch = collator(items)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            chosen, rejected = batch_logps(model, batch, chunk_size).split()
+            for it, c, r in zip(items, chosen.double().tolist(), rejected.double().tolist()):
+                out[it["cache_key"]] = (c, r)
+    return out
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def write_shard(folder: Path, rank: int, world: int, values: dict[bytes, tuple[float, float]]) -> Path:
+    from safetensors.numpy import save_file
+
+    keys = sorted(values)
+    arrays = {
+        "keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32).copy(),
+        "chosen": np.array([values[k][0] for k in keys], dtype=np.float64),
+        "rejected": np.array([values[k][1] for k in keys], dtype=np.float64),
+    }
+    path = folder / shard_name(rank, world)
+    tmp = path.with_suffix(".tmp")
+    save_file(arrays, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def write_manifest(
+    folder: Path, world: int, identity: dict, settings: dict, num_pairs: int, extra: dict | None = None
+) -> Path:
+    """Merge step (rank 0): count the shards' unique keys and write the manifest last."""
+    from safetensors.numpy import load_file
+
+    shards = [shard_name(r, world) for r in range(world)]
+    keys: set[bytes] = set()
+    for name in shards:
+        if not (folder / name).is_file():
+            raise RefCacheError(f"{folder}: shard {name} was not written (did a rank fail?)")
+        keys.update(k.tobytes() for k in load_file(str(folder / name))["keys"])
+    manifest = {
+        "format": CACHE_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_identity": identity,
+        "data_settings": settings,
+        "shards": shards,
+        "num_pairs": num_pairs,
+        "num_unique_pairs": len(keys),
+        **(extra or {}),
+    }
+    path = folder / MANIFEST_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+    # Shards of a same-key value on two ranks hold identical numbers; duplicates are harmless.
+    return path
+
+
+def _clear(folder: Path) -> None:
+    for p in [folder / MANIFEST_NAME, *folder.glob("shard-*-of-*.safetensors")]:
+        p.unlink(missing_ok=True)
+
+
+def precompute_ref(cfg, batch_size: int | None = None) -> Path:
+    """Compute and write the reference cache for ``cfg`` (train + eval pairs); returns the folder."""
+    import torch.distributed as dist
+
+    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.model.loading import load_model, load_tokenizer
+
+    if not cfg.model.ref_cache:
+        raise RefCacheError("model.ref_cache is not set: the folder to write the cache into")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    folder = Path(cfg.model.ref_cache)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        _clear(folder)
+    if world > 1:
+        dist.barrier()
+
+    ref_path = cfg.model.ref_path or cfg.model.path
+    tokenizer = load_tokenizer(cfg.model.path)  # the training run's tokenizer makes the token ids
+    model = load_model(ref_path, cfg.model.torch_dtype, cfg.model.attn_implementation).to(device).eval()
+    vision = VisionSpec.from_model_config(model.config)
+    datasets = [PairDataset(cfg.data.meta_path, tokenizer, vision, cfg.data)]
+    if cfg.data.eval_meta_path:
+        datasets.append(PairDataset(cfg.data.eval_meta_path, tokenizer, vision, cfg.data))
+    bs = batch_size or int(cfg.training.get("per_device_eval_batch_size", 1))
+    values = compute_shard(model, datasets, rank, world, bs, cfg.model.logprob_chunk_size, device)
+    write_shard(folder, rank, world, values)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        skipped = {k: v for ds in datasets for k, v in ds.skipped.items()}
+        write_manifest(
+            folder,
+            world,
+            model_identity(ref_path, cfg.model.torch_dtype),
+            data_settings(datasets[0]),
+            sum(len(d) for d in datasets),
+            {
+                "ref_path": ref_path,
+                "skipped": skipped,
+                "meta_paths": [str(cfg.data.meta_path), str(cfg.data.eval_meta_path)],
+            },
+        )
+    if world > 1:
+        dist.barrier()
+    return folder
+
+
+def cmd_precompute_ref(argv: list[str]) -> int:
+    from mpo.cli import config_parser
+    from mpo.config import ConfigError, load_config
+    from mpo.model.loading import ModelLoadError
+
+    p = config_parser("Compute reference log-probs for every pair once (model.ref_cache)")
+    p.prog = "mpo precompute-ref"
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="pairs per forward (default: per_device_eval_batch_size)"
+    )
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        folder = precompute_ref(cfg, args.batch_size)
+    except (ConfigError, ModelLoadError, RefCacheError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        m = json.loads((folder / MANIFEST_NAME).read_text())
+        print(
+            f"reference cache: {folder} ({m['num_unique_pairs']} unique pairs of {m['num_pairs']}, {len(m['shards'])} shard(s))"
+        )
+    return 0
+
+
+CLI_COMMANDS = {"precompute-ref": cmd_precompute_ref}
+
+
+def _main() -> int:  # python -m mpo.refcache --config X (e.g. under torchrun)
+    return cmd_precompute_ref(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
