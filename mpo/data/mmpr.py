@@ -1,9 +1,21 @@
-"""Reading MMPR meta files and their JSONL annotations without loading them into memory.
+"""Reading MMPR meta files and their annotations without loading them into Python lists.
 
 A meta JSON maps dataset names to ``{"root", "annotation", "repeat_time", "max_dynamic_patch",
-...}`` (facts §4). Annotation files are indexed by the byte offset of each line (8 bytes per
-line, a numpy array), so millions of lines cost megabytes, every sample keeps its 1-based line
-number for error messages, and any line can be read by seeking.
+...}`` (facts §4). An annotation (or the ``meta_path`` itself, as a single dataset) may be:
+
+* a JSONL file: indexed by the byte offset of each line (one int64 per line, a numpy array), so
+  millions of lines cost megabytes, every sample keeps its exact 1-based line number for error
+  messages (blank lines are skipped but still counted), one malformed line stays a per-line error,
+  and a line whose ``image`` is a list next to one where it is a string is fine;
+* a HF ``datasets`` source with the same columns: a folder written by ``save_to_disk``, an
+  ``.arrow`` file or ``.parquet`` file(s). These are opened memory-mapped (Arrow), never copied
+  into Python objects; the "line" of a row is its 1-based row number.
+
+Why JSONL is not converted with ``datasets.load_dataset("json")``: the conversion needs one Arrow
+schema for the whole file (MMPR mixes ``image`` strings and lists), a single non-JSON line aborts
+the whole load instead of being reported with its line number, line numbers are lost, and every
+rank would write or lock a cache copy of the file. The offset index gives the same property the
+issue asks for (memory flat in the number of lines, nothing parsed until used) without those.
 """
 
 from __future__ import annotations
@@ -12,9 +24,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+
+TABLE_SUFFIXES = (".arrow", ".parquet")
 
 
 class DataError(ValueError):
@@ -27,96 +41,124 @@ class DatasetSpec:
 
     name: str
     root: Path  # images/videos resolve against this folder
-    annotation: Path  # JSONL file
+    annotation: Path  # JSONL file, or a HF datasets source (folder / .arrow / .parquet)
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None
     data_augment: bool = False
     length: int | None = None
 
 
-def read_meta(path: str | Path) -> list[DatasetSpec]:
-    """Parse an MMPR meta JSON (or treat a ``.jsonl`` file as a single dataset).
+def is_table_source(path: Path) -> bool:
+    """Whether ``path`` is a HF ``datasets`` source rather than a JSONL file."""
+    return path.is_dir() or path.suffix in TABLE_SUFFIXES
 
-    Relative ``root`` and ``annotation`` paths resolve against the meta file's folder.
+
+def read_meta(path: str | Path) -> list[DatasetSpec]:
+    """Parse an MMPR meta JSON, or treat a JSONL file / HF datasets source as one dataset.
+
+    Relative ``root`` and ``annotation`` paths resolve against the meta file's folder (not the
+    working directory), so a meta file and its data can be moved together.
     """
     path = Path(path)
+    if path.is_dir() or (path.is_file() and path.suffix in (".jsonl", *TABLE_SUFFIXES)):
+        return [DatasetSpec(name=path.stem, root=path.parent, annotation=path)]
     if not path.is_file():
         raise DataError(f"{path}: meta file not found")
-    if path.suffix == ".jsonl":
-        return [DatasetSpec(name=path.stem, root=path.parent, annotation=path)]
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     if not isinstance(meta, dict) or not meta:
         raise DataError(f"{path}: a meta file maps dataset names to {{root, annotation, ...}} entries")
-    specs = []
-    base = path.parent
-    for name, entry in meta.items():
-        where = f"{path}: dataset '{name}'"
-        if not isinstance(entry, dict):
-            raise DataError(f"{where}: entry must be an object")
-        if "annotation" not in entry:
-            raise DataError(f"{where}: missing field 'annotation'")
-        root = base / str(entry.get("root", ""))
-        annotation = base / str(entry["annotation"])
-        if not annotation.is_file():
-            raise DataError(f"{where}: field 'annotation': file not found: {annotation}")
-        repeat = entry.get("repeat_time", 1.0)
-        if not isinstance(repeat, (int, float)) or isinstance(repeat, bool) or repeat <= 0:
-            raise DataError(f"{where}: field 'repeat_time' must be a positive number, got {repeat!r}")
-        mdp = entry.get("max_dynamic_patch")
-        if mdp is not None and (not isinstance(mdp, int) or isinstance(mdp, bool) or mdp < 1):
-            raise DataError(f"{where}: field 'max_dynamic_patch' must be a positive integer, got {mdp!r}")
-        specs.append(
-            DatasetSpec(
-                name=name,
-                root=root,
-                annotation=annotation,
-                repeat_time=float(repeat),
-                max_dynamic_patch=mdp,
-                data_augment=bool(entry.get("data_augment", False)),
-                length=entry.get("length"),
-            )
-        )
-    return specs
+    return [_spec(path, name, entry) for name, entry in meta.items()]
 
 
-def index_lines(path: Path, chunk_bytes: int = 1 << 22) -> np.ndarray:
-    """Byte offsets of every non-empty line of ``path`` (int64, one per line), streamed in chunks."""
-    offsets: list[np.ndarray] = []
+def _spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
+    where = f"{meta_path}: dataset '{name}'"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: entry must be an object")
+    if "annotation" not in entry:
+        raise DataError(f"{where}: missing field 'annotation'")
+    base = meta_path.parent
+    root = base / str(entry.get("root", ""))
+    annotation = base / str(entry["annotation"])
+    if not annotation.exists():
+        raise DataError(f"{where}: field 'annotation': file not found: {annotation}")
+    repeat = entry.get("repeat_time", 1.0)
+    if not isinstance(repeat, (int, float)) or isinstance(repeat, bool) or repeat <= 0:
+        raise DataError(f"{where}: field 'repeat_time' must be a positive number, got {repeat!r}")
+    mdp = entry.get("max_dynamic_patch")
+    if mdp is not None and (not isinstance(mdp, int) or isinstance(mdp, bool) or mdp < 1):
+        raise DataError(f"{where}: field 'max_dynamic_patch' must be a positive integer, got {mdp!r}")
+    return DatasetSpec(
+        name=name,
+        root=root,
+        annotation=annotation,
+        repeat_time=float(repeat),
+        max_dynamic_patch=mdp,
+        data_augment=bool(entry.get("data_augment", False)),
+        length=entry.get("length"),
+    )
+
+
+class LineError(DataError):
+    """A line that cannot be read at all; carries the skip ``reason`` and the ``line`` number."""
+
+    def __init__(self, message: str, reason: str, line: int):
+        super().__init__(message)
+        self.reason = reason
+        self.line = line
+
+
+class RecordSource(Protocol):
+    path: Path
+
+    def __len__(self) -> int: ...
+
+    def record(self, i: int) -> tuple[int, dict[str, Any]]: ...
+
+
+def line_offsets(path: Path, chunk_bytes: int = 1 << 22) -> np.ndarray:
+    """Start offset of every line of ``path`` plus the file size: int64 ``(num_lines + 1,)``.
+
+    Line ``k`` (0-based) is ``bytes[off[k]:off[k+1]]`` including its newline. Streamed in chunks,
+    so indexing needs memory for the offsets only.
+    """
+    starts: list[np.ndarray] = [np.zeros(1, np.int64)]
     pos = 0
-    line_start = 0
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
-            arr = np.frombuffer(chunk, dtype=np.uint8)
-            newlines = np.flatnonzero(arr == 10) + pos
-            starts = np.concatenate(([line_start], newlines[:-1] + 1)) if len(newlines) else np.empty(0, np.int64)
-            offsets.append(np.stack([starts, newlines], 1) if len(newlines) else np.empty((0, 2), np.int64))
-            if len(newlines):
-                line_start = int(newlines[-1]) + 1
+            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+            starts.append(newlines.astype(np.int64) + pos + 1)
             pos += len(chunk)
-        if line_start < pos:  # last line without a trailing newline
-            offsets.append(np.array([[line_start, pos]], dtype=np.int64))
-    spans = np.concatenate(offsets) if offsets else np.empty((0, 2), np.int64)
-    return spans.astype(np.int64)
+    offsets = np.concatenate(starts)
+    if offsets[-1] != pos:  # last line has no trailing newline
+        offsets = np.append(offsets, np.int64(pos))
+    return offsets
 
 
 class JsonlFile:
-    """Random access to the lines of a JSONL file by 0-based index; keeps 1-based line numbers."""
+    """Random access to the non-blank lines of a JSONL file; keeps 1-based line numbers."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        spans = index_lines(self.path)
-        # Keep blank lines out of the sample list but their numbers in the count.
-        self.line_numbers = np.arange(1, len(spans) + 1, dtype=np.int64)
-        keep = spans[:, 1] > spans[:, 0]
-        self.spans = spans[keep]
-        self.line_numbers = self.line_numbers[keep]
+        self.offsets = line_offsets(self.path)
+        lengths = np.diff(self.offsets)
+        # A blank line is "\n" (or "\r\n"); keep it out of the samples but in the numbering. The
+        # row map is only built when there are blank lines in the middle (rare), to stay 8 B/line.
+        blank = lengths <= 1
+        for k in np.flatnonzero(lengths == 2):  # "\r\n" or a one-character line
+            blank[k] = self._read_line(int(k)).strip() == b""
+        self.rows = None if not blank.any() else np.flatnonzero(~blank).astype(np.int64)
         self._fh = None
 
+    def _read_line(self, k: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[k]))
+            return f.read(int(self.offsets[k + 1] - self.offsets[k]))
+
     def __len__(self) -> int:
-        return len(self.spans)
+        return len(self.offsets) - 1 if self.rows is None else len(self.rows)
 
     def __getstate__(self):  # file handles do not cross process boundaries (dataloader workers)
         state = dict(self.__dict__)
@@ -124,11 +166,13 @@ class JsonlFile:
         return state
 
     def raw(self, i: int) -> tuple[int, bytes]:
+        """(1-based line number, the line's bytes without the newline)."""
+        k = i if self.rows is None else int(self.rows[i])
         if self._fh is None:
             self._fh = open(self.path, "rb")
-        start, end = self.spans[i]
-        self._fh.seek(int(start))
-        return int(self.line_numbers[i]), self._fh.read(int(end - start))
+        start, end = int(self.offsets[k]), int(self.offsets[k + 1])
+        self._fh.seek(start)
+        return k + 1, self._fh.read(end - start).rstrip(b"\r\n")
 
     def record(self, i: int) -> tuple[int, dict[str, Any]]:
         """(1-based line number, parsed JSON object); DataError naming file and line otherwise."""
@@ -136,14 +180,50 @@ class JsonlFile:
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{self.path}:{line_no}: not valid JSON ({exc})") from exc
+            raise LineError(f"{self.path}:{line_no}: not valid JSON ({exc})", "invalid_json", line_no) from exc
         if not isinstance(obj, dict):
-            raise DataError(f"{self.path}:{line_no}: a line must be a JSON object, got {type(obj).__name__}")
+            raise LineError(
+                f"{self.path}:{line_no}: a line must be a JSON object, got {type(obj).__name__}", "invalid_json", line_no
+            )
         return line_no, obj
 
 
+class TableFile:
+    """Rows of a HF ``datasets`` source, memory-mapped Arrow; row ``i`` reports line ``i + 1``."""
+
+    def __init__(self, path: Path):
+        import datasets
+
+        self.path = Path(path)
+        if self.path.is_dir():
+            ds = datasets.load_from_disk(str(self.path))
+            if isinstance(ds, datasets.DatasetDict):
+                raise DataError(f"{self.path}: a DatasetDict; point at one split's folder (one of {list(ds)})")
+        elif self.path.suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(self.path))  # maps the file, no copy
+        else:  # parquet: converted once into the datasets cache, then memory-mapped
+            ds = datasets.Dataset.from_parquet(str(self.path))
+        self.table = ds
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def record(self, i: int) -> tuple[int, dict[str, Any]]:
+        # Arrow fills keys a row lacks with None; the pair encoder treats None as absent.
+        return i + 1, dict(self.table[int(i)])
+
+
+def open_source(path: Path) -> RecordSource:
+    return TableFile(path) if is_table_source(path) else JsonlFile(path)
+
+
 def repeat_indices(n: int, repeat_time: float, seed: int) -> np.ndarray:
-    """Line indices after ``repeat_time``: whole repeats plus a seeded subsample for the fraction."""
+    """Row indices after ``repeat_time``: whole repeats plus a seeded subsample for the fraction.
+
+    InternVL (``internvl_chat_mpo.py``) samples ``int(n * r)`` rows when r < 1 and repeats
+    ``int(r)`` times when r > 1 (dropping a fraction such as the .5 of 1.5); we keep the fraction
+    as a subsample, so 1.5 means every row once plus half of them again.
+    """
     whole = math.floor(repeat_time)
     frac = repeat_time - whole
     parts = [np.arange(n, dtype=np.int64)] * whole
@@ -155,28 +235,54 @@ def repeat_indices(n: int, repeat_time: float, seed: int) -> np.ndarray:
 
 
 class MixedSource:
-    """All datasets of a meta file as one indexable list of (dataset, line) references."""
+    """All datasets of a meta file as one indexable sequence of (dataset, row) references.
+
+    Memory: per dataset, only the subsample of a fractional ``repeat_time`` is stored (int64 per
+    kept row); whole repeats are computed from the index.
+    """
 
     def __init__(self, specs: list[DatasetSpec], seed: int = 42):
         self.specs = specs
-        self.files = [JsonlFile(s.annotation) for s in specs]
-        ds_ids, line_ids = [], []
+        self.files = [open_source(s.annotation) for s in specs]
+        self._whole: list[int] = []
+        self._extra: list[np.ndarray] = []
+        sizes = []
         for k, (spec, f) in enumerate(zip(self.specs, self.files)):
-            idx = repeat_indices(len(f), spec.repeat_time, seed + k)
-            ds_ids.append(np.full(len(idx), k, dtype=np.int32))
-            line_ids.append(idx)
-        self.dataset_ids = np.concatenate(ds_ids) if ds_ids else np.empty(0, np.int32)
-        self.line_ids = np.concatenate(line_ids) if line_ids else np.empty(0, np.int64)
+            n = len(f)
+            whole = math.floor(spec.repeat_time)
+            extra = repeat_indices(n, spec.repeat_time - whole, seed + k) if spec.repeat_time != whole else None
+            self._whole.append(whole)
+            self._extra.append(extra if extra is not None else np.empty(0, np.int64))
+            sizes.append(whole * n + len(self._extra[-1]))
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.bounds = np.concatenate(([0], np.cumsum(self.sizes))).astype(np.int64)
 
     def __len__(self) -> int:
-        return len(self.line_ids)
+        return int(self.bounds[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global index -> (dataset number, row in its file)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        k = int(np.searchsorted(self.bounds, i, side="right")) - 1
+        local = i - int(self.bounds[k])
+        n = len(self.files[k])
+        if local < self._whole[k] * n:
+            return k, local % n
+        return k, int(self._extra[k][local - self._whole[k] * n])
 
     def get(self, i: int) -> tuple[DatasetSpec, int, dict[str, Any]]:
-        k = int(self.dataset_ids[i])
-        line_no, obj = self.files[k].record(int(self.line_ids[i]))
+        """(spec, 1-based line number, parsed record); raises LineError for an unreadable line."""
+        k, row = self.locate(i)
+        line_no, obj = self.files[k].record(row)
         return self.specs[k], line_no, obj
+
+    def spec_of(self, i: int) -> DatasetSpec:
+        return self.specs[self.locate(i)[0]]
 
     def counts(self) -> dict[str, int]:
         """Samples per dataset after repeat_time."""
-        ids, n = np.unique(self.dataset_ids, return_counts=True)
-        return {self.specs[int(k)].name: int(c) for k, c in zip(ids, n)}
+        out: dict[str, int] = {}
+        for spec, size in zip(self.specs, self.sizes):
+            out[spec.name] = out.get(spec.name, 0) + int(size)
+        return out

@@ -1,7 +1,19 @@
-"""One MMPR line -> one encoded preference pair (images tiled once, shared by both answers)."""
+"""One MMPR line -> one encoded preference pair (images tiled once, shared by both answers).
+
+Follows ``LazySupervisedDataset`` in OpenGVLab/InternVL ``internvl_chat/internvl/train/
+internvl_chat_mpo.py`` for what the model sees (single image with ``<image>\\n`` auto-prefix,
+multi-image with a tile budget of ``max(1, max_dynamic_patch // num_images)`` per image, video
+frames as one tile each, text-only pairs) but not for failures: InternVL prints the exception and
+trains on a random other line instead; here a bad line raises a ``SampleError`` naming file, line
+and field, or (``on_bad_sample=skip``) is counted, reported and returned as None, with
+``max_bad_fraction`` as the limit.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +23,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mpo.data.mmpr import DataError, DatasetSpec, MixedSource, read_meta
-from mpo.data.template import IGNORE_INDEX, TemplateEncoder, TemplateError, expand_image_placeholders
-from mpo.data.tiling import tile_image
+from mpo.data.template import (
+    IGNORE_INDEX,
+    TemplateEncoder,
+    TemplateError,
+    expand_image_placeholders,
+    expand_video_placeholder,
+)
+from mpo.data.tiling import count_tiles, tile_image
+
+SKIP_EXAMPLES_KEPT = 200  # messages kept per reason for the report (memory stays flat)
 
 
 @dataclass
@@ -32,15 +52,21 @@ class VisionSpec:
 
 
 class SampleError(DataError):
-    """A sample that cannot be used; ``reason`` is a short category for skip reports."""
+    """A sample that cannot be used; ``reason`` is a short category for skip reports.
 
-    def __init__(self, message: str, reason: str):
+    ``policy`` marks length skips asked for by ``data.truncation``/``max_length``: they are
+    counted and reported like bad lines but are not bad data, so they neither raise under
+    ``on_bad_sample=error`` nor count towards ``max_bad_fraction``.
+    """
+
+    def __init__(self, message: str, reason: str, policy: bool = False):
         super().__init__(message)
         self.reason = reason
+        self.policy = policy
 
 
 def _text_field(obj: dict, key: str, where: str) -> str:
-    if key not in obj:
+    if obj.get(key) is None:  # absent (JSONL) or null-filled (Arrow)
         raise SampleError(f"{where}: missing field '{key}'", f"missing_{key}")
     value = obj[key]
     if not isinstance(value, str):
@@ -51,117 +77,251 @@ def _text_field(obj: dict, key: str, where: str) -> str:
 
 
 def resolve_media(root: Path, rel: Any, where: str, field: str) -> Path:
-    """Join ``rel`` to ``root``, refusing paths that escape the root."""
+    """Join ``rel`` to ``root``, refusing paths that leave the root (``..`` or absolute).
+
+    The check is on the normalised path, not the symlink-resolved one: a root whose ``images/``
+    is a symlink to another disk is a normal set-up, while ``../../etc/x`` in a line is not.
+    """
     if not isinstance(rel, str) or not rel:
-        raise SampleError(f"{where}: field '{field}' must be a non-empty path string", f"bad_{field}")
-    root_resolved = root.resolve()
-    path = (root / rel).resolve()
-    if root_resolved != path and root_resolved not in path.parents:
+        raise SampleError(f"{where}: field '{field}' must be a non-empty path string", f"bad_{field.split('[')[0]}")
+    base = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.join(base, rel))
+    if os.path.commonpath([base, path]) != base:
         raise SampleError(f"{where}: field '{field}': path '{rel}' escapes the dataset root {root}", "path_escapes_root")
-    return path
+    return Path(path)
 
 
-def load_image(path: Path, where: str, field: str) -> Image.Image:
+def load_image(path: Path | bytes, where: str, field: str) -> Image.Image:
+    """Decode an image file (or bytes) to RGB; SampleError naming the line and field otherwise."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
             im.load()
             return im.convert("RGB")
     except FileNotFoundError as exc:
         raise SampleError(f"{where}: field '{field}': image not found: {path}", "missing_image") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SampleError(f"{where}: field '{field}': cannot decode image {path}: {exc}", "corrupt_image") from exc
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        shown = path if isinstance(path, Path) else "<embedded bytes>"
+        raise SampleError(f"{where}: field '{field}': cannot decode image {shown}: {exc}", "corrupt_image") from exc
+
+
+def _media_list(obj: dict, where: str) -> tuple[str, list[Any]]:
+    """('image' | 'video' | 'text', the media entries) of a record; InternVL's dispatch order."""
+    image, video = obj.get("image"), obj.get("video")
+    has_image = image is not None and not (isinstance(image, (str, list)) and len(image) == 0)
+    has_video = video is not None and video != ""
+    if has_image and has_video:
+        raise SampleError(f"{where}: fields 'image' and 'video' are both set; one kind of media per pair", "image_and_video")
+    if has_video:
+        return "video", [video]
+    if not has_image:
+        return "text", []
+    if isinstance(image, list):
+        return "image", image
+    return "image", [image]
 
 
 class PairEncoder:
     """Turns a parsed MMPR record into model inputs for the chosen and rejected answers."""
 
-    def __init__(self, tokenizer, vision: VisionSpec, data_cfg):
+    def __init__(self, tokenizer, vision: VisionSpec, data_cfg, pixels: bool = True):
         self.template = TemplateEncoder(tokenizer, data_cfg.system_message)
         self.vision = vision
         self.cfg = data_cfg
-        self.truncated = 0
+        # pixels=False (``mpo data check``): images are fully decoded (so corrupt files are still
+        # caught) and the tile count is computed, but no tiles are resized or normalised.
+        self.pixels = pixels
+        self.last_full_lengths: dict[str, int] = {}  # untruncated sequence lengths of the last pair
+        self.truncated: Counter[str] = Counter()  # responses cut to max_length, by "chosen"/"rejected"
 
-    def images(self, spec: DatasetSpec, obj: dict, where: str) -> tuple[torch.Tensor | None, list[int]]:
-        """Tiles of every image in the record (None for text-only) and the tile count per image."""
-        if "video" in obj and obj["video"] is not None:
+    def _open(self, spec: DatasetSpec, value: Any, where: str, field: str) -> Image.Image:
+        if isinstance(value, Image.Image):  # a HF datasets Image column decodes to PIL
+            return value.convert("RGB")
+        if isinstance(value, dict) and value.get("bytes"):
+            return load_image(value["bytes"], where, field)
+        if isinstance(value, dict) and value.get("path"):
+            value = value["path"]
+        return load_image(resolve_media(spec.root, value, where, field), where, field)
+
+    def images(self, spec: DatasetSpec, obj: dict, where: str) -> tuple[str, torch.Tensor | None, list[int]]:
+        """(kind, tiles of every image/frame or None for text-only, tiles per image/frame).
+
+        Tiles are ``(sum of tiles, 3, S, S)`` float32; each image is decoded and tiled once.
+        """
+        kind, media = _media_list(obj, where)
+        if kind == "text":
+            return kind, None, []
+        size = self.vision.image_size
+        if kind == "video":
             from mpo.data.video import video_frames  # PyAV only when a video appears
 
-            frames = video_frames(resolve_media(spec.root, obj["video"], where, "video"), self.cfg, where)
-            tiles = [tile_image(f, 1, self.vision.image_size, 1, False) for f in frames]
-            return torch.cat(tiles), [1] * len(tiles)
-        image = obj.get("image")
-        if image is None or image == []:
-            return None, []
-        paths = image if isinstance(image, list) else [image]
+            frames = video_frames(resolve_media(spec.root, media[0], where, "video"), self.cfg, where)
+            if not self.pixels:
+                return kind, None, [1] * len(frames)
+            # InternVL's video path: each frame is one Resize((S, S)) tile, no dynamic tiling.
+            return kind, torch.cat([tile_image(f, 1, size, 1, False) for f in frames]), [1] * len(frames)
         budget = spec.max_dynamic_patch or self.cfg.max_dynamic_patch
-        per_image = max(1, budget // len(paths)) if len(paths) > 1 else budget
+        per_image = max(1, budget // len(media)) if len(media) > 1 else budget
         tiles, counts = [], []
-        for k, rel in enumerate(paths):
-            field = "image" if len(paths) == 1 else f"image[{k}]"
-            img = load_image(resolve_media(spec.root, rel, where, field), where, field)
-            t = tile_image(img, per_image, self.vision.image_size, min(self.cfg.min_dynamic_patch, per_image), self.cfg.use_thumbnail)
+        for k, value in enumerate(media):
+            field = "image" if not isinstance(obj.get("image"), list) else f"image[{k}]"
+            img = self._open(spec, value, where, field)
+            min_num = min(self.cfg.min_dynamic_patch, per_image)
+            if not self.pixels:
+                counts.append(count_tiles(*img.size, per_image, size, min_num, self.cfg.use_thumbnail))
+                continue
+            t = tile_image(img, per_image, size, min_num, self.cfg.use_thumbnail)
             tiles.append(t)
             counts.append(t.shape[0])
-        return torch.cat(tiles), counts
+        return kind, (torch.cat(tiles) if tiles else None), counts
 
     def encode(self, spec: DatasetSpec, line_no: int, obj: dict) -> dict[str, Any]:
+        """Encoded pair: ``{chosen,rejected}_{input_ids,labels}`` (1-D long), ``pixel_values``
+        (``(tiles, 3, S, S)`` or None), ``num_tiles`` (per image/frame), ``dataset``, ``line``."""
         where = f"{spec.annotation}:{line_no}"
         question = _text_field(obj, "question", where)
         chosen = _text_field(obj, "chosen", where)
         rejected = _text_field(obj, "rejected", where)
         if chosen == rejected:
             raise SampleError(f"{where}: fields 'chosen' and 'rejected' are identical", "chosen_equals_rejected")
-        pixel_values, tiles = self.images(spec, obj, where)
-        if "video" in obj and obj["video"] is not None:
-            question = "".join(f"Frame{i + 1}: <image>\n" for i in range(len(tiles))) + question.replace("<video>\n", "").replace("<video>", "")
+        kind, pixel_values, tiles = self.images(spec, obj, where)
         try:
+            if kind == "video":
+                question = expand_video_placeholder(question, len(tiles))
             expanded = expand_image_placeholders(question, [n * self.vision.tokens_per_tile for n in tiles])
-            prompt = self.template.encode_prompt(expanded)
-            c_ids, c_labels = self.template.encode_answer(chosen)
-            r_ids, r_labels = self.template.encode_answer(rejected)
         except TemplateError as exc:
             raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
-        max_len = self.cfg.max_length
-        # Never cut the prompt (it holds the image spans): only the response tail may go.
-        if len(prompt) + 2 > max_len:
-            raise SampleError(f"{where}: prompt alone is {len(prompt)} tokens, over data.max_length={max_len}", "prompt_too_long")
-        out = {"pixel_values": pixel_values, "num_tiles": tiles, "dataset": spec.name, "line": line_no}
-        for name, ids, labels in (("chosen", c_ids, c_labels), ("rejected", r_ids, r_labels)):
-            if len(prompt) + len(ids) > max_len:
-                if self.cfg.truncation == "skip":
-                    raise SampleError(f"{where}: {name} sequence is {len(prompt) + len(ids)} tokens, over data.max_length={max_len}", "too_long")
-                keep = max_len - len(prompt)
-                ids, labels = ids[:keep], labels[:keep]
-                self.truncated += 1
+        try:
+            prompt = self.template.encode_prompt(expanded)
+            answers = {"chosen": self.template.encode_answer(chosen), "rejected": self.template.encode_answer(rejected)}
+        except TemplateError as exc:
+            raise SampleError(f"{where}: field 'chosen'/'rejected': {exc}", "bad_answer") from exc
+        out: dict[str, Any] = {"pixel_values": pixel_values, "num_tiles": tiles, "dataset": spec.name, "line": line_no}
+        for name, (ids, labels) in answers.items():
+            ids, labels = self._fit(prompt, ids, labels, name, where)
             out[f"{name}_input_ids"] = torch.tensor(prompt + ids, dtype=torch.long)
             out[f"{name}_labels"] = torch.tensor([IGNORE_INDEX] * len(prompt) + labels, dtype=torch.long)
         return out
 
+    def _fit(self, prompt: list[int], ids: list[int], labels: list[int], name: str, where: str):
+        """Apply ``max_length``: the prompt (holding every image span) is never cut."""
+        max_len = self.cfg.max_length
+        self.last_full_lengths[name] = len(prompt) + len(ids)
+        if len(prompt) + len(ids) <= max_len:
+            return ids, labels
+        # At least one answer token must stay trained after "<|im_start|>assistant\n".
+        min_keep = len(self.template.prefix_ids) + 1
+        if self.cfg.truncation == "skip" or max_len - len(prompt) < min_keep:
+            reason = "too_long" if self.cfg.truncation == "skip" else "prompt_too_long"
+            raise SampleError(
+                f"{where}: {name} sequence is {len(prompt) + len(ids)} tokens (prompt {len(prompt)}), "
+                f"over data.max_length={max_len} (data.truncation={self.cfg.truncation})",
+                reason,
+                policy=True,
+            )
+        keep = max_len - len(prompt)
+        self.truncated[name] += 1
+        return ids[:keep], labels[:keep]
+
 
 class PairDataset(torch.utils.data.Dataset):
-    """Map-style dataset of encoded pairs over an MMPR meta file.
+    """Map-style dataset of encoded pairs over an MMPR meta file (or JSONL / HF datasets source).
 
     With ``on_bad_sample=error`` a bad line raises a ``SampleError`` naming file, line and field.
-    With ``skip`` it returns None (the collator drops it) and counts the reason in ``skipped``.
+    With ``skip`` it returns None (the collator drops it), counts the reason in ``skipped`` and
+    raises once the bad share exceeds ``max_bad_fraction`` (judged after ``min(len, 100)``
+    samples, so one early bad line does not end a run). Length skips (``truncation=skip`` or a
+    prompt over ``max_length``) are counted in ``skipped`` too but are never errors.
+
+    The counters live in the process that reads the data: with DataLoader workers each worker
+    keeps its own, so a full count comes from ``mpo data check``.
     """
 
-    def __init__(self, meta_path: str | Path, tokenizer, vision: VisionSpec, data_cfg):
+    def __init__(self, meta_path: str | Path, tokenizer, vision: VisionSpec, data_cfg, pixels: bool = True):
+        self.meta_path = Path(meta_path)
         self.source = MixedSource(read_meta(meta_path), seed=data_cfg.seed)
-        self.encoder = PairEncoder(tokenizer, vision, data_cfg)
+        self.encoder = PairEncoder(tokenizer, vision, data_cfg, pixels=pixels)
         self.cfg = data_cfg
+        self.seen = 0
+        self.bad = 0
         self.skipped: Counter[str] = Counter()
-        self.skip_log: list[str] = []
+        self.skip_examples: dict[str, list[str]] = {}
+        self.last_skip: str | None = None
 
     def __len__(self) -> int:
         return len(self.source)
 
+    @property
+    def truncated(self) -> Counter[str]:
+        """Responses cut at ``max_length`` so far, by ``chosen``/``rejected``."""
+        return self.encoder.truncated
+
+    @property
+    def skip_log(self) -> list[str]:
+        return [m for msgs in self.skip_examples.values() for m in msgs]
+
     def __getitem__(self, i: int) -> dict[str, Any] | None:
+        return self.guarded(lambda: self.source.get(i))
+
+    def guarded(self, read) -> dict[str, Any] | None:
+        """Read and encode one record with the bad-sample policy applied.
+
+        Args:
+            read: callable returning ``(spec, line_no, obj)``; may raise ``DataError``.
+        """
+        self.seen += 1
         try:
-            spec, line_no, obj = self.source.get(i)
+            spec, line_no, obj = read()
             return self.encoder.encode(spec, line_no, obj)
         except DataError as exc:
-            if self.cfg.on_bad_sample == "error":
+            policy = getattr(exc, "policy", False)
+            if self.cfg.on_bad_sample == "error" and not policy:
                 raise
-            self.skipped[getattr(exc, "reason", "invalid_json")] += 1
-            self.skip_log.append(str(exc))
+            self._count(getattr(exc, "reason", "invalid_sample"), str(exc), policy)
             return None
+
+    def _count(self, reason: str, message: str, policy: bool) -> None:
+        self.last_skip = message
+        self.skipped[reason] += 1
+        kept = self.skip_examples.setdefault(reason, [])
+        if len(kept) < SKIP_EXAMPLES_KEPT:
+            kept.append(message)
+        if not policy:
+            self.bad += 1
+            self.check_bad_fraction(final=False)
+
+    def check_bad_fraction(self, final: bool = True) -> None:
+        """Raise DataError when bad samples exceed ``max_bad_fraction`` of those seen.
+
+        Args:
+            final: judge now (end of a full pass); otherwise only after ``min(len, 100)`` samples.
+        """
+        if self.seen == 0 or (not final and self.seen < min(len(self), 100)):
+            return
+        limit = self.cfg.max_bad_fraction
+        if self.bad > limit * self.seen:
+            bad = {k: v for k, v in self.skipped.items()}
+            raise DataError(
+                f"{self.meta_path}: {self.bad} of {self.seen} samples are bad ({self.bad / self.seen:.2%}), "
+                f"over data.max_bad_fraction={limit}; skips by reason: {bad}; first: {self.skip_log[:3]}"
+            )
+
+    def report(self) -> dict[str, Any]:
+        """Counts for the skip report: samples seen, bad, skips by reason, truncations, examples."""
+        return {
+            "meta_path": str(self.meta_path),
+            "samples": len(self),
+            "seen": self.seen,
+            "bad": self.bad,
+            "skipped": dict(self.skipped),
+            "truncated_responses": dict(self.truncated),
+            "max_bad_fraction": self.cfg.max_bad_fraction,
+            "examples": self.skip_examples,
+        }
+
+    def write_skip_report(self, out_dir: str | Path, name: str = "data_skips.json") -> Path:
+        """Write ``report()`` as JSON into ``out_dir`` (created if needed); returns the path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / name
+        path.write_text(json.dumps(self.report(), indent=1, ensure_ascii=False))
+        return path

@@ -13,6 +13,7 @@ IMAGE_PLACEHOLDER = "<image>"
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
+VIDEO_PLACEHOLDER = "<video>"
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -50,6 +51,30 @@ def expand_image_placeholders(question: str, image_token_counts: list[int]) -> s
     return question
 
 
+def expand_video_placeholder(question: str, num_frames: int) -> str:
+    """Put one ``Frame{i}: <image>\\n`` line per frame where ``<video>`` stands (or in front).
+
+    InternVL's MPO dataset (``video_get_item`` in ``internvl_chat_mpo.py``) prefixes
+    ``<video>\\n`` when absent and replaces it with ``Frame1: <image>\\nFrame2: <image>`` joined by
+    newlines but without the final newline, gluing the last frame to the question; its chat
+    inference (``model.chat`` with ``num_patches_list``) uses ``Frame{i}: <image>\\n`` per frame. We
+    use the inference form, which is what the model sees when it is served.
+
+    Raises:
+        TemplateError: more than one ``<video>``, or ``<image>`` placeholders in a video question.
+    """
+    if question.count(VIDEO_PLACEHOLDER) > 1:
+        raise TemplateError(f"question has {question.count(VIDEO_PLACEHOLDER)} '<video>' placeholders; one video per sample")
+    if IMAGE_PLACEHOLDER in question:
+        raise TemplateError("a video question must not contain '<image>' placeholders (frames are inserted for '<video>')")
+    frames = "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(num_frames))
+    if VIDEO_PLACEHOLDER not in question:
+        return frames + question
+    if VIDEO_PLACEHOLDER + "\n" in question:
+        return question.replace(VIDEO_PLACEHOLDER + "\n", frames, 1)
+    return question.replace(VIDEO_PLACEHOLDER, frames, 1)
+
+
 def system_turn(system_message: str | None) -> str:
     msg = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
     return f"<|im_start|>system\n{msg}<|im_end|>\n"
@@ -73,6 +98,8 @@ class TemplateEncoder:
         self.tokenizer = tokenizer
         self.system_message = system_message
         self.prefix_ids = self._encode(ASSISTANT_PREFIX)
+        # Each turn is tokenized on its own (as InternVL does), so the system turn is constant.
+        self.system_ids = self._encode(system_turn(system_message))
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def _encode(self, text: str) -> list[int]:
@@ -80,7 +107,7 @@ class TemplateEncoder:
 
     def encode_prompt(self, question_expanded: str) -> list[int]:
         """System turn + user turn (image spans already expanded)."""
-        return self._encode(system_turn(self.system_message)) + self._encode(user_turn(question_expanded))
+        return self.system_ids + self._encode(user_turn(question_expanded))
 
     def encode_answer(self, answer: str) -> tuple[list[int], list[int]]:
         """Token ids and labels of one assistant turn.

@@ -1,0 +1,242 @@
+"""``mpo data``: validate MMPR data and show pairs exactly as the model sees them.
+
+    mpo data check --config X [--json] [--out DIR] [key.sub=value ...]
+    mpo data inspect --config X --index I|all --json [key.sub=value ...]
+
+Both read the tokenizer and the model's ``config.json`` (for tile size and tokens per tile); no
+model weights are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpo.data.mmpr import DataError
+
+PERCENTILES = (50, 90, 99, 100)
+
+
+def vision_spec_for(model_path: str):
+    """VisionSpec from the checkpoint's config.json (native via AutoConfig, original read raw)."""
+    from mpo.data.pairs import VisionSpec
+
+    p = Path(model_path) / "config.json"
+    if p.is_file():
+        raw = json.loads(p.read_text())
+        if "InternVLChatModel" in (raw.get("architectures") or []):
+            # Original remote-code format: AutoConfig would need trust_remote_code.
+            vc = raw["vision_config"]
+            size = raw.get("force_image_size") or vc["image_size"]
+            tokens = int((size // vc["patch_size"]) ** 2 * raw.get("downsample_ratio", 0.5) ** 2)
+            return VisionSpec(image_size=int(size), tokens_per_tile=tokens)
+    from transformers import AutoConfig
+
+    return VisionSpec.from_model_config(AutoConfig.from_pretrained(model_path))
+
+
+def _setup(argv: list[str], prog: str, extra) -> tuple[argparse.Namespace, Any, Any, Any]:
+    from mpo.config import load_config
+    from mpo.model.loading import load_tokenizer
+
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--config", required=True, help="experiment YAML")
+    extra(p)
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as in training")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    return args, cfg, load_tokenizer(cfg.model.path), vision_spec_for(cfg.model.path)
+
+
+def percentiles(hist: Counter[int]) -> dict[str, int]:
+    """Exact percentiles (nearest rank) of the lengths counted in ``hist``."""
+    if not hist:
+        return {}
+    keys = np.array(sorted(hist))
+    cum = np.cumsum([hist[k] for k in keys])
+    total = cum[-1]
+    out = {}
+    for q in PERCENTILES:
+        rank = max(1, int(np.ceil(q / 100 * total)))
+        out[f"p{q}" if q < 100 else "max"] = int(keys[np.searchsorted(cum, rank)])
+    return out
+
+
+def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]:
+    """Encode every line of every dataset in ``meta_path`` once; counts and skips.
+
+    Bad lines are always counted here (never raised) so one run lists every problem; whether
+    training would accept them is reported as ``ok``.
+    """
+    import dataclasses
+
+    from mpo.data.pairs import PairDataset
+
+    counting = dataclasses.replace(data_cfg, on_bad_sample="skip", max_bad_fraction=1.0)
+    ds = PairDataset(meta_path, tokenizer, vision, counting, pixels=False)
+    per_dataset: dict[str, dict[str, int]] = {}
+    lengths: Counter[int] = Counter()  # memory grows with distinct lengths, not with lines
+    for spec, f in zip(ds.source.specs, ds.source.files):
+        stats = per_dataset.setdefault(spec.name, Counter())
+        before = sum(ds.skipped.values())
+        for row in range(len(f)):
+            pair = ds.guarded(lambda row=row, spec=spec, f=f: (spec, *f.record(row)))
+            if pair is None:
+                continue
+            stats["valid_lines"] += 1
+            stats["images"] += len(pair["num_tiles"])
+            stats["tiles"] += sum(pair["num_tiles"])
+            for n in ds.encoder.last_full_lengths.values():
+                lengths[n] += 1
+        stats["lines"] += len(f)
+        stats["skipped"] += sum(ds.skipped.values()) - before
+    ds.cfg = data_cfg  # judge with the run's own policy
+    ok, problem = True, None
+    if data_cfg.on_bad_sample == "error" and ds.bad:
+        ok, problem = False, f"{ds.bad} bad line(s); training with data.on_bad_sample=error stops at the first"
+    else:
+        try:
+            ds.check_bad_fraction(final=True)
+        except DataError as exc:
+            ok, problem = False, str(exc)
+    counts = ds.source.counts()
+    for name, stats in per_dataset.items():
+        stats["pairs_after_repeat"] = counts.get(name, 0)
+    return {
+        "meta_path": str(meta_path),
+        "ok": ok,
+        "problem": problem,
+        "datasets": {k: dict(v) for k, v in per_dataset.items()},
+        "pairs": len(ds),
+        "token_lengths": percentiles(lengths),
+        "truncated_responses": dict(ds.truncated),
+        "skipped": dict(ds.skipped),
+        "report": ds.report(),
+    }
+
+
+def _format_check(res: dict[str, Any]) -> str:
+    lines = [f"{res['meta_path']}: {'OK' if res['ok'] else 'FAILED'}  pairs (after repeat_time): {res['pairs']}"]
+    for name, s in res["datasets"].items():
+        lines.append(
+            f"  {name}: lines {s.get('lines', 0)}, valid {s.get('valid_lines', 0)}, skipped {s.get('skipped', 0)}, "
+            f"images {s.get('images', 0)}, tiles {s.get('tiles', 0)}, pairs after repeat {s.get('pairs_after_repeat', 0)}"
+        )
+    lines.append(f"  sequence tokens (untruncated, chosen and rejected): {res['token_lengths']}")
+    lines.append(f"  truncated responses: {res['truncated_responses'] or 0}")
+    lines.append(f"  skips by reason: {res['skipped'] or 0}")
+    for reason, msgs in res["report"]["examples"].items():
+        lines.append(f"    {reason}: {msgs[0]}")
+    if res["problem"]:
+        lines.append(f"  problem: {res['problem']}")
+    return "\n".join(lines)
+
+
+def cmd_check(argv: list[str]) -> int:
+    """``mpo data check``: exit 0 when every dataset passes the run's bad-sample policy, 1 if not."""
+
+    def extra(p):
+        p.add_argument("--json", action="store_true", help="print one JSON object per meta file")
+        p.add_argument("--out", default=None, help="also write data_skips[_eval].json into this folder")
+
+    from mpo.config import ConfigError
+
+    try:
+        args, cfg, tokenizer, vision = _setup(argv, "mpo data check", extra)
+        metas = [("train", cfg.data.meta_path)] + ([("eval", cfg.data.eval_meta_path)] if cfg.data.eval_meta_path else [])
+        ok = True
+        for split, meta in metas:
+            res = check_dataset(meta, tokenizer, vision, cfg.data)
+            ok = ok and res["ok"]
+            if args.out:
+                name = "data_skips.json" if split == "train" else f"data_skips_{split}.json"
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / name).write_text(json.dumps(res["report"], indent=1, ensure_ascii=False))
+            if args.json:
+                print(json.dumps({"split": split, **{k: v for k, v in res.items() if k != "report"}}, ensure_ascii=False))
+            else:
+                print(f"[{split}] " + _format_check(res))
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
+
+
+def inspect_pair(pair: dict[str, Any], tokenizer, tokens_per_tile: int, ignore_index: int) -> dict[str, Any]:
+    """A pair as the model sees it (see ``mpo data inspect``)."""
+    pv = pair["pixel_values"]
+    out: dict[str, Any] = {
+        "dataset": pair["dataset"],
+        "line": pair["line"],
+        "num_tiles": list(pair["num_tiles"]),
+        "num_image_tokens": sum(pair["num_tiles"]) * tokens_per_tile,
+        "pixel_stats": None
+        if pv is None
+        else {"shape": list(pv.shape), "sum": float(pv.double().sum()), "mean": float(pv.double().mean())},
+    }
+    for name in ("chosen", "rejected"):
+        ids, labels = pair[f"{name}_input_ids"], pair[f"{name}_labels"]
+        out[name] = {
+            "text": tokenizer.decode(ids.tolist(), skip_special_tokens=False),
+            "trained_text": tokenizer.decode(labels[labels != ignore_index].tolist(), skip_special_tokens=False),
+            "num_tokens": int(ids.numel()),
+        }
+    return out
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    """``mpo data inspect``: one JSON line per requested pair (global index after repeat_time)."""
+
+    def extra(p):
+        p.add_argument("--index", required=True, help="sample index (0-based, after repeat_time) or 'all'")
+        p.add_argument("--json", action="store_true", help="JSON output (the only format)")
+        p.add_argument("--eval", action="store_true", help="read data.eval_meta_path instead of data.meta_path")
+
+    from mpo.config import ConfigError
+    from mpo.data.pairs import PairDataset
+    from mpo.data.template import IGNORE_INDEX
+
+    try:
+        args, cfg, tokenizer, vision = _setup(argv, "mpo data inspect", extra)
+        meta = cfg.data.eval_meta_path if args.eval else cfg.data.meta_path
+        if meta is None:
+            raise DataError("--eval given but data.eval_meta_path is not set")
+        ds = PairDataset(meta, tokenizer, vision, cfg.data)
+        if args.index == "all":
+            indices = range(len(ds))
+        else:
+            try:
+                indices = [int(args.index)]
+            except ValueError as exc:
+                raise DataError(f"--index must be an integer or 'all', got {args.index!r}") from exc
+            if not 0 <= indices[0] < len(ds):
+                raise DataError(f"--index {indices[0]} out of range: {meta} has {len(ds)} pairs")
+        for i in indices:
+            pair = ds[i]
+            if pair is None:  # skipped under on_bad_sample=skip; the reason goes to stderr
+                print(f"index {i}: skipped: {ds.last_skip}", file=sys.stderr)
+                continue
+            print(json.dumps(inspect_pair(pair, tokenizer, vision.tokens_per_tile, IGNORE_INDEX), ensure_ascii=False))
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+SUBCOMMANDS = {"check": cmd_check, "inspect": cmd_inspect}
+
+
+def cmd_data(argv: list[str]) -> int:
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return SUBCOMMANDS[argv[0]](argv[1:])
+
+
+CLI_COMMANDS = {"data": cmd_data}
