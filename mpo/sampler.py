@@ -1,0 +1,190 @@
+"""Length-grouped batching for preference pairs.
+
+A micro-batch is padded to its longest sequence, and with InternVL's dynamic tiling a pair's
+length runs from a few hundred tokens (one tile) to over 3,000 (12 tiles + thumbnail), so random
+batches waste most of their compute on padding. transformers' ``LengthGroupedSampler`` looks for
+an ``input_ids`` column, which preference data does not have (the peers crash there); here the
+length of a pair is estimated from its record without decoding any image:
+
+    length = system + question tokens + 256 x tiles (from the image header) + max(chosen, rejected) tokens
+
+The grouping follows ``get_length_grouped_indices`` in transformers (``trainer_pt_utils``): shuffle
+with a seeded generator, cut into mega-batches of ``mega_batch_mult x batch_size``, sort each by
+length, so consecutive ``batch_size`` slices hold similar lengths while the order stays random at
+the mega-batch scale. The longest batch goes first so an out-of-memory shows at step 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mpo.data.mmpr import DataError
+from mpo.data.tiling import choose_grid
+
+
+def image_tiles_from_header(path, max_num: int, min_num: int, image_size: int, use_thumbnail: bool) -> int:
+    """Tiles InternVL's tiling gives ``path``; reads the size from the header only (PIL is lazy).
+
+    Unreadable images count as one tile: the dataset itself reports them when it loads them.
+    """
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (FileNotFoundError, UnidentifiedImageError, OSError):
+        return 1
+    cols, rows = choose_grid(width, height, min(min_num, max_num), max_num, image_size)
+    n = cols * rows
+    return n + 1 if use_thumbnail and n > 1 else n
+
+
+def _media(obj: dict) -> list:
+    if obj.get("video") is not None:
+        return [obj["video"]]
+    image = obj.get("image")
+    if image is None or image == []:
+        return []
+    return image if isinstance(image, list) else [image]
+
+
+def _record_tiles(pairs, spec, obj: dict) -> int:
+    cfg, vision = pairs.cfg, pairs.encoder.vision
+    if obj.get("video") is not None:
+        return cfg.video_max_frames  # an upper bound; frames are one tile each
+    image = obj.get("image")
+    if image is None or image == []:
+        return 0
+    paths = image if isinstance(image, list) else [image]
+    budget = spec.max_dynamic_patch or cfg.max_dynamic_patch
+    per_image = max(1, budget // len(paths)) if len(paths) > 1 else budget
+    total = 0
+    for rel in paths:
+        path = spec.root / rel if isinstance(rel, str) else None
+        total += (
+            image_tiles_from_header(
+                path, per_image, cfg.min_dynamic_patch, vision.image_size, cfg.use_thumbnail
+            )
+            if path
+            else 1
+        )
+    return total
+
+
+def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:
+    """Estimated tokens per pair (the longer of its two sequences) for a ``PairDataset``, ``(N,)``.
+
+    Text is tokenized with the dataset's tokenizer in batches, the template's fixed tokens added;
+    images contribute ``tokens_per_tile x tiles`` (videos: ``video_max_frames`` tiles). Records
+    that cannot be read get length 0 and are left to the dataset to report.
+    """
+    tokenizer = pairs.encoder.template.tokenizer
+    tokens_per_tile = pairs.encoder.vision.tokens_per_tile
+    # System + empty user turn, and the answer's "<|im_start|>assistant\n" ... "<|im_end|>\n".
+    fixed = len(pairs.encoder.template.encode_prompt("")) + len(pairs.encoder.template.prefix_ids) + 2
+    n = len(pairs)
+    lengths = np.zeros(n, dtype=np.int64)
+    for start in range(0, n, text_batch):
+        idx, questions, answers = [], [], []
+        for i in range(start, min(n, start + text_batch)):
+            try:
+                spec, _, obj = pairs.source.get(i)
+            except DataError:
+                continue
+            texts = [
+                obj.get(k) if isinstance(obj.get(k), str) else "" for k in ("question", "chosen", "rejected")
+            ]
+            idx.append(i)
+            n_media = len(_media(obj))
+            # Each image becomes <img> + context tokens + </img>; a missing placeholder adds "\n".
+            questions.append(texts[0].replace("<image>", "").replace("<video>", ""))
+            answers += texts[1:]
+            extra = 2 * n_media + (1 if n_media and "<image>" not in texts[0] else 0)
+            lengths[i] = tokens_per_tile * _record_tiles(pairs, spec, obj) + extra
+        if not idx:
+            continue
+        q = tokenizer(questions, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        for k, i in enumerate(idx):
+            longest = max(len(a[2 * k]), len(a[2 * k + 1]))
+            lengths[i] = min(pairs.cfg.max_length, lengths[i] + fixed + len(q[k]) + longest)
+    return lengths
+
+
+def length_grouped_indices(
+    lengths: np.ndarray, batch_size: int, generator: torch.Generator, mega_batch_mult: int = 50
+) -> list[int]:
+    """A permutation of ``range(len(lengths))`` whose consecutive ``batch_size`` slices have similar lengths."""
+    n = len(lengths)
+    perm = torch.randperm(n, generator=generator).tolist()
+    mega = max(batch_size, batch_size * mega_batch_mult)
+    groups = [sorted(perm[i : i + mega], key=lambda j: -int(lengths[j])) for i in range(0, n, mega)]
+    batches = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    if not batches:
+        return []
+    longest = max(range(len(batches)), key=lambda b: int(lengths[batches[b][0]]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for b in batches for i in b]
+
+
+class LengthGroupedPairSampler(torch.utils.data.Sampler[int]):
+    """Seeded, per-epoch deterministic sampler that puts pairs of similar length in a micro-batch.
+
+    Args:
+        lengths: ``(N,)`` estimated tokens per pair (``pair_lengths``).
+        batch_size: pairs per micro-batch on one process.
+        seed: the order depends only on ``seed`` and the epoch (``set_epoch``).
+        num_replicas, rank: leave at 1/0 under ``transformers.Trainer`` (accelerate then hands
+            whole consecutive batches to each process, so every process still gets grouped
+            batches); set them for a plain ``DataLoader`` loop, where this sampler yields only
+            this rank's batches (batch k goes to rank k mod num_replicas, the list padded by
+            repeating its start so every rank gets the same number).
+    """
+
+    def __init__(
+        self,
+        lengths,
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        mega_batch_mult: int = 50,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.mega_batch_mult = mega_batch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return length_grouped_indices(self.lengths, self.batch_size, g, self.mega_batch_mult)
+
+    def _rank_batches(self, order: list[int]) -> list[list[int]]:
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        per_rank = math.ceil(len(batches) / self.num_replicas)
+        batches += batches[: per_rank * self.num_replicas - len(batches)]
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        if self.num_replicas == 1:
+            return iter(order)
+        return iter([i for b in self._rank_batches(order) for i in b])
+
+    def __len__(self) -> int:
+        if self.num_replicas == 1:
+            return len(self.lengths)
+        return sum(len(b) for b in self._rank_batches(list(range(len(self.lengths)))))

@@ -1,0 +1,130 @@
+"""Length-grouped pair batching: length estimates, grouping, determinism, distributed split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mpo.data.tiling import tile_image
+from mpo.sampler import (
+    LengthGroupedPairSampler,
+    image_tiles_from_header,
+    length_grouped_indices,
+    pair_lengths,
+)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (128, 64), (64, 200), (300, 290), (500, 60), (20, 15)])
+@pytest.mark.parametrize("max_num", [1, 4, 12])
+def test_header_tiles_equal_real_tiling(tmp_path, size, max_num):
+    path = tmp_path / "x.png"
+    Image.new("RGB", size, (10, 20, 30)).save(path)
+    expected = tile_image(Image.open(path), max_num, 64, 1, True).shape[0]
+    assert image_tiles_from_header(path, max_num, 1, 64, True) == expected
+
+
+@pytest.fixture(scope="module")
+def mixed_pairs(tokenizer, tmp_path_factory):
+    """Pairs with 0, 1, 3, 5 tiles and short or long answers."""
+    from mpo.config import DataConfig
+    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.model.tiny import build_config
+
+    root = tmp_path_factory.mktemp("mixed")
+    lines = []
+    sizes = [None, (64, 64), (128, 64), (128, 128)]
+    for i in range(16):
+        rec = {
+            "question": "What shape is shown?" if i % 3 else "<image>\nWhat color is it?",
+            "chosen": "It is a circle." * (1 + i % 4),
+            "rejected": "It is a square.",
+        }
+        size = sizes[i % 4]
+        if size is not None:
+            Image.new("RGB", size, (i * 10, 50, 90)).save(root / f"{i}.png")
+            rec["image"] = f"{i}.png"
+        else:
+            rec["question"] = "What shape is shown?"
+        lines.append(json.dumps(rec))
+    (root / "p.jsonl").write_text("\n".join(lines) + "\n")
+    vision = VisionSpec.from_model_config(build_config(tokenizer))
+    return PairDataset(root / "p.jsonl", tokenizer, vision, DataConfig(max_dynamic_patch=4))
+
+
+def test_pair_lengths_match_encoded_lengths(mixed_pairs):
+    est = pair_lengths(mixed_pairs, text_batch=5)
+    real = []
+    for i in range(len(mixed_pairs)):
+        it = mixed_pairs[i]
+        real.append(max(len(it["chosen_input_ids"]), len(it["rejected_input_ids"])))
+    # Text is tokenized piecewise, so BPE merges across template boundaries may shift a token or two.
+    assert np.abs(est - np.array(real)).max() <= 2, (est.tolist(), real)
+    assert len(set(real)) > 4
+
+
+def _padding_waste(order, lengths, bs):
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    return sum(len(b) * max(lengths[j] for j in b) - sum(lengths[j] for j in b) for b in batches)
+
+
+def test_grouping_is_a_permutation_with_less_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(100, 3400, size=1000)
+    g = torch.Generator().manual_seed(3)
+    order = length_grouped_indices(lengths, 8, g, mega_batch_mult=10)
+    assert sorted(order) == list(range(1000))
+    random_order = torch.randperm(1000, generator=torch.Generator().manual_seed(3)).tolist()
+    assert _padding_waste(order, lengths, 8) < 0.2 * _padding_waste(random_order, lengths, 8)
+    # The longest pair is in the first batch (out-of-memory shows at step 1).
+    assert int(np.argmax(lengths)) in order[:8]
+
+
+def test_sampler_deterministic_per_epoch():
+    lengths = np.arange(100) % 17
+    a = LengthGroupedPairSampler(lengths, 4, seed=7)
+    b = LengthGroupedPairSampler(lengths, 4, seed=7)
+    assert list(a) == list(b) == list(a)
+    first = list(a)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    assert list(a) == list(b) != first
+    assert list(LengthGroupedPairSampler(lengths, 4, seed=8)) != first
+    assert len(a) == 100
+
+
+@pytest.mark.parametrize("n", [96, 101])
+def test_sampler_distributed_split(n):
+    lengths = (np.arange(n) * 37) % 211
+    ranks = [LengthGroupedPairSampler(lengths, 4, seed=1, num_replicas=3, rank=r) for r in range(3)]
+    parts = [list(s) for s in ranks]
+    # Same number of batches on every rank (only a final short batch may differ in size).
+    assert len({-(-len(p) // 4) for p in parts}) == 1 and all(len(p) == len(s) for p, s in zip(parts, ranks))
+    everything = [i for p in parts for i in p]
+    assert set(everything) == set(range(n))
+    if n % 12 == 0:
+        assert len(everything) == n  # no repeats when batches divide evenly
+    # Each rank's batches are consecutive slices of the single-process order.
+    whole = list(LengthGroupedPairSampler(lengths, 4, seed=1))
+    whole_batches = [whole[i : i + 4] for i in range(0, n, 4)]
+    assert parts[1][:4] == whole_batches[1] and parts[2][4:8] == whole_batches[5]
+
+
+def test_sampler_with_dataloader_groups_real_pairs(mixed_pairs):
+    from mpo.data.collate import PairCollator
+
+    lengths = pair_lengths(mixed_pairs)
+    sampler = LengthGroupedPairSampler(lengths, 4, seed=0)
+    loader = torch.utils.data.DataLoader(
+        mixed_pairs, batch_size=4, sampler=sampler, collate_fn=PairCollator(0)
+    )
+    widths = [b["input_ids"].shape[1] for b in loader]
+    real = sorted(
+        max(len(mixed_pairs[i]["chosen_input_ids"]), len(mixed_pairs[i]["rejected_input_ids"]))
+        for i in range(16)
+    )
+    # With one mega-batch the batches are exactly the sorted length quartiles.
+    assert sorted(widths) == sorted(real[3::4])
