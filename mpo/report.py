@@ -1,0 +1,669 @@
+"""``mpo report RUN_DIR``: plots, a verdict on common failure signs, and sample generations.
+
+Reads ``RUN_DIR/metrics.jsonl`` (one JSON line per logging step, written by
+``MetricsFileCallback``), ``samples.jsonl`` (``SampleGenerationCallback``), and ``config.yaml`` /
+``run_info.json`` / ``summary.json`` when present; writes ``RUN_DIR/report/`` with one PNG per plot,
+``summary.png`` (the six main panels) and ``report.html`` (self-contained: images inlined as base64).
+
+The verdict checks follow what preference-training users report as bugs (see
+docs/reading-metrics.md): loss 0 from the start, an initial loss far from
+``w_p·ln2 + w_q·2ln2 + w_g·NLL`` (0.832 + NLL with the paper's weights, Wang et al. 2024 §3.2),
+accuracy stuck at 0.5, margins exploding, and chosen log-probs falling fast while the rejected ones
+fall faster (the "collapse" pattern described for DPO by Pal et al. 2024, "Smaug", §3, and the
+reason MPO keeps the SFT term).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LN2 = math.log(2.0)
+REPORT_DIR = "report"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+# ---- reading ---------------------------------------------------------------------------------
+@dataclass
+class RunMetrics:
+    """Logged rows of one run, split into training logs and evaluation logs."""
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    eval: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: list[int] = field(default_factory=list)  # 1-based line numbers that were not JSON objects
+
+    def series(self, key: str, split: str = "train") -> tuple[list[float], list[float]]:
+        """(steps, values) of ``key`` (``eval`` rows use the ``eval_`` prefix), non-finite kept as nan."""
+        rows = self.train if split == "train" else self.eval
+        name = key if split == "train" else f"eval_{key}"
+        steps, values = [], []
+        for r in rows:
+            if name in r:
+                v = _as_float(r[name])
+                if v is not None:
+                    steps.append(float(r.get("step", len(steps))))
+                    values.append(v)
+        return steps, values
+
+    def finite(self, key: str, split: str = "train") -> list[float]:
+        return [v for v in self.series(key, split)[1] if math.isfinite(v)]
+
+
+def _as_float(v: Any) -> float | None:
+    # MetricsFileCallback writes non-finite numbers as the strings "nan" / "inf" / "-inf".
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str) and v.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+        return float(v)
+    return None
+
+
+def read_metrics(path: str | Path) -> RunMetrics:
+    """Parse ``metrics.jsonl``; malformed lines are skipped and their line numbers kept."""
+    out = RunMetrics()
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                out.bad_lines.append(line_no)
+                continue
+            if not isinstance(row, dict):
+                out.bad_lines.append(line_no)
+            elif "loss" in row:
+                out.train.append(row)
+            elif "eval_loss" in row:
+                out.eval.append(row)
+            # anything else (the end-of-training summary: train_runtime, ...) is not a curve
+    return out
+
+
+def read_samples(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``samples.jsonl`` (empty when the file does not exist); malformed lines skipped."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "generated" in row:
+            rows.append(row)
+    return rows
+
+
+@dataclass
+class LossSettings:
+    """The weights the run used (from its config.yaml; the paper's defaults otherwise)."""
+
+    preference_weight: float = 0.8
+    quality_weight: float = 0.2
+    generation_weight: float = 1.0
+    preference_type: str = "sigmoid"
+    beta: float = 0.1
+    from_config: bool = False
+
+    @property
+    def expected_initial_preference(self) -> float:
+        """``w_p·ln2 + w_q·2ln2``: the non-NLL part of the loss when π = πref and δ = 0."""
+        return self.preference_weight * LN2 + self.quality_weight * 2 * LN2
+
+
+def read_loss_settings(run_dir: Path) -> LossSettings:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return LossSettings()
+    import yaml
+
+    loss = (yaml.safe_load(path.read_text()) or {}).get("loss") or {}
+    s = LossSettings(from_config=True)
+    for k in ("preference_weight", "quality_weight", "generation_weight", "beta"):
+        if isinstance(loss.get(k), (int, float)):
+            setattr(s, k, float(loss[k]))
+    s.preference_type = str(loss.get("preference_type", "sigmoid"))
+    return s
+
+
+# ---- verdict ---------------------------------------------------------------------------------
+@dataclass
+class Finding:
+    """One verdict line: ``level`` is ``bad``, ``warn`` or ``ok``."""
+
+    level: str
+    check: str  # a stable id, e.g. "collapse"
+    title: str
+    detail: str
+    advice: str = ""
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _tail(xs: list[float], frac: float = 0.25) -> list[float]:
+    """The last ``frac`` of a series (at least one value)."""
+    return xs[-max(1, int(round(len(xs) * frac))) :] if xs else []
+
+
+def check_nonfinite(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    steps, loss = m.series("loss")
+    for st, v in zip(steps, loss):
+        if not math.isfinite(v):
+            return [
+                Finding(
+                    "bad",
+                    "nonfinite",
+                    f"Loss became {v} at step {int(st)}",
+                    "The optimiser diverged or a batch produced inf log-probs.",
+                    "Lower the learning rate, keep max_grad_norm at 1.0, prefer bf16 over fp16, and check the "
+                    "batch at that step (empty responses, prompts cut by max_length).",
+                )
+            ]
+    return []
+
+
+def check_loss_zero(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    loss = m.finite("loss")
+    if not loss or abs(loss[0]) > 1e-4:
+        return []
+    chosen = m.finite("logps/chosen")
+    no_tokens = bool(chosen) and all(abs(v) < 1e-9 for v in chosen[:3])
+    return [
+        Finding(
+            "bad",
+            "loss_zero",
+            "Loss is 0 from the start",
+            f"The first logged loss is {loss[0]:.3g}. With π = πref the MPO loss is at least "
+            f"{s.expected_initial_preference:.3f} (+ NLL), so 0 means no term is contributing"
+            + ("; logps/chosen is exactly 0, so no response token is trained." if no_tokens else "."),
+            "Check that the loss weights are not all 0, that responses survive max_length truncation "
+            "(labels not all -100), and that chosen != rejected.",
+        )
+    ]
+
+
+def check_initial_loss(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    if s.preference_type != "sigmoid" or not m.train:
+        return []
+    first = m.train[0]
+    loss, sft = _as_float(first.get("loss")), _as_float(first.get("loss/sft"))
+    if loss is None or sft is None or not (math.isfinite(loss) and math.isfinite(sft)) or abs(loss) < 1e-4:
+        return []
+    expected = s.expected_initial_preference + s.generation_weight * sft
+    step = int(first.get("step", 0))
+    if abs(loss - expected) <= 0.1 + 0.02 * abs(expected):
+        return [
+            Finding(
+                "ok",
+                "initial_loss",
+                f"Initial loss {loss:.3f} is as expected",
+                f"{s.expected_initial_preference:.3f} (preference + quality at π = πref) + "
+                f"{s.generation_weight:g}×NLL {sft:.3f} = {expected:.3f} (first log, step {step}). A start "
+                "of 1.5-2 on a real model is normal: it is mostly the SFT term.",
+            )
+        ]
+    dpo = _as_float(first.get("loss/dpo"))
+    why = (
+        f"loss/dpo starts at {dpo:.3f} instead of ln2 = {LN2:.3f}: the policy and the reference disagree at step 0"
+        if dpo is not None and abs(dpo - LN2) > 0.05
+        else "the first log averages several steps that already moved the loss"
+    )
+    return [
+        Finding(
+            "warn",
+            "initial_loss",
+            f"Initial loss {loss:.3f} is far from the expected {expected:.3f}",
+            f"Expected {s.expected_initial_preference:.3f} + {s.generation_weight:g}×NLL {sft:.3f} at step 0; {why}.",
+            "Make model.ref_path the same checkpoint as model.path (or rebuild the reference cache), keep "
+            "dropout off in the reference, and use logging_steps=1 to see the true step-0 loss.",
+        )
+    ]
+
+
+def check_accuracy_stuck(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    acc = m.finite("rewards/accuracies")
+    eval_acc = m.finite("rewards/accuracies", "eval")
+    if len(acc) < 4:
+        return []
+    late = _mean(acc[len(acc) // 2 :])
+    late_eval = eval_acc[-1] if len(eval_acc) >= 2 else None
+    if not (0.42 <= late <= 0.58) and not (late_eval is not None and 0.42 <= late_eval <= 0.58):
+        return []
+    margins = m.finite("rewards/margins")
+    return [
+        Finding(
+            "warn",
+            "accuracy_stuck",
+            "Preference accuracy is stuck near 0.5",
+            f"Mean train accuracy over the second half is {late:.3f}"
+            + (f", last eval accuracy {late_eval:.3f}" if late_eval is not None else "")
+            + (f"; the last margin is {margins[-1]:.3g}" if margins else "")
+            + ". The policy is not separating chosen from rejected answers.",
+            "Raise the learning rate (the official full fine-tune uses 1e-6; LoRA needs 1e-5 to 1e-4), train "
+            "longer, check that chosen and rejected are not swapped or near-identical, and that β is not tiny.",
+        )
+    ]
+
+
+def check_margins_exploding(m: RunMetrics, s: LossSettings, limit: float = 10.0) -> list[Finding]:
+    margins = m.finite("rewards/margins")
+    if len(margins) < 2:
+        return []
+    late = max(_tail(margins))
+    if late <= limit:
+        return []
+    return [
+        Finding(
+            "warn",
+            "margins_exploding",
+            "Reward margins are exploding",
+            f"The margin β·(Δchosen − Δrejected) reached {late:.3g} (from {margins[0]:.3g}); healthy runs "
+            f"stay within a few units (β = {s.beta:g}). The policy is over-optimising the preference term.",
+            "Lower the learning rate or train fewer steps, raise β (a stronger pull to the reference), and "
+            "keep loss.generation_weight at 1.0.",
+        )
+    ]
+
+
+def check_collapse(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    chosen = m.finite("logps/chosen")
+    sft = m.finite("loss/sft")
+    rejected = m.finite("logps/rejected")
+    if len(chosen) < 3:
+        return []
+    c0, c1 = chosen[0], _mean(_tail(chosen))
+    # Summed log-probs: a drop of more than a third of the starting magnitude is a large per-token change.
+    chosen_falling = c1 < c0 - max(1.0, abs(c0) / 3)
+    nll_rising = len(sft) >= 3 and _mean(_tail(sft)) > 1.5 * sft[0] + 0.05
+    if not (chosen_falling or nll_rising):
+        return []
+    parts = [f"logps/chosen went from {c0:.3g} to {c1:.3g}"]
+    if rejected:
+        parts.append(f"logps/rejected from {rejected[0]:.3g} to {_mean(_tail(rejected)):.3g}")
+    if sft:
+        parts.append(f"chosen NLL per token from {sft[0]:.3g} to {_mean(_tail(sft)):.3g}")
+    return [
+        Finding(
+            "bad",
+            "collapse",
+            "Chosen log-probs are falling fast (collapse pattern)",
+            "; ".join(parts) + ". The model widens the margin by making both answers unlikely, the rejected "
+            "one faster; generations usually degrade (repetition, gibberish) even though accuracy looks good.",
+            "Lower the learning rate, keep or raise loss.generation_weight (the SFT term is what holds the "
+            "chosen answers up), raise β, train fewer steps, and check the chosen answers come from a model "
+            "close to yours (very high initial NLL means off-distribution pairs).",
+        )
+    ]
+
+
+def check_overfit(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    acc = m.finite("rewards/accuracies")
+    eval_acc = m.finite("rewards/accuracies", "eval")
+    if len(acc) < 2 or not eval_acc:
+        return []
+    gap = _mean(_tail(acc)) - eval_acc[-1]
+    if gap <= 0.2:
+        return []
+    return [
+        Finding(
+            "warn",
+            "overfit",
+            "Train accuracy is far above held-out accuracy",
+            f"Train {_mean(_tail(acc)):.3f} vs eval {eval_acc[-1]:.3f}: the policy memorises the training pairs.",
+            "Train fewer steps/epochs, add data (repeat_time), or lower the learning rate.",
+        )
+    ]
+
+
+def check_delta_reset(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    steps, delta = m.series("bco/delta")
+    for i in range(1, len(delta)):
+        if abs(delta[i - 1]) > 1e-3 and abs(delta[i]) < 1e-9:
+            return [
+                Finding(
+                    "warn",
+                    "delta_reset",
+                    f"δ fell back to 0 at step {int(steps[i])}",
+                    "δ is the running mean of all rewards and should move smoothly; a jump to 0 means it was not "
+                    "restored (e.g. resuming from a checkpoint without mpo_state.json).",
+                    "Resume from a complete checkpoint written by internvl-mpo.",
+                )
+            ]
+    return []
+
+
+def check_no_eval(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    if m.eval or not m.train:
+        return []
+    return [
+        Finding(
+            "ok",
+            "no_eval",
+            "No held-out evaluation was logged",
+            "Without eval curves over-fitting cannot be told apart from learning.",
+            "Set data.eval_meta_path and training.eval_strategy=steps with eval_steps.",
+        )
+    ]
+
+
+CHECKS = (
+    check_nonfinite,
+    check_loss_zero,
+    check_initial_loss,
+    check_accuracy_stuck,
+    check_margins_exploding,
+    check_collapse,
+    check_overfit,
+    check_delta_reset,
+    check_no_eval,
+)
+
+
+def diagnose(m: RunMetrics, settings: LossSettings | None = None) -> list[Finding]:
+    """Every check's findings, problems first; a closing ``ok`` summary when nothing is wrong."""
+    s = settings or LossSettings()
+    found = [f for check in CHECKS for f in check(m, s)]
+    if m.train and not any(f.level in ("bad", "warn") for f in found):
+        found.append(_healthy_summary(m))
+    order = {"bad": 0, "warn": 1, "ok": 2}
+    return sorted(found, key=lambda f: order[f.level])
+
+
+def _healthy_summary(m: RunMetrics) -> Finding:
+    parts = []
+    for key, name in (
+        ("rewards/accuracies", "accuracy"),
+        ("rewards/margins", "margin"),
+        ("loss/sft", "chosen NLL"),
+    ):
+        xs = m.finite(key)
+        if xs:
+            parts.append(f"{name} {xs[0]:.3g} → {xs[-1]:.3g}")
+    return Finding("ok", "healthy", "No failure signs", "; ".join(parts) + ".")
+
+
+def headline(findings: list[Finding]) -> str:
+    if any(f.level == "bad" for f in findings):
+        return "problems found"
+    if any(f.level == "warn" for f in findings):
+        return "warnings"
+    return "healthy"
+
+
+# ---- plots -----------------------------------------------------------------------------------
+@dataclass
+class PlotSpec:
+    name: str  # file stem
+    title: str
+    keys: tuple[str, ...]
+    hline: float | None = None
+    hline_label: str = ""
+    with_eval: bool = True  # False where the eval value repeats the train one (δ, reference log-probs)
+
+
+PLOTS = (
+    PlotSpec("loss", "Total loss (train vs eval)", ("loss",)),
+    PlotSpec("loss_dpo", "Preference loss L_p (DPO sigmoid)", ("loss/dpo",), LN2, "ln 2 (π = πref)"),
+    PlotSpec("loss_bco", "Quality loss L_q (BCO pair)", ("loss/bco",), 2 * LN2, "2 ln 2 (π = πref, δ = 0)"),
+    PlotSpec("loss_sft", "Generation loss L_g (chosen NLL per token)", ("loss/sft",)),
+    PlotSpec("rewards", "Rewards β·(log π − log πref)", ("rewards/chosen", "rewards/rejected"), 0.0),
+    PlotSpec("margins", "Reward margin (chosen − rejected)", ("rewards/margins",), 0.0),
+    PlotSpec("accuracy", "Preference accuracy", ("rewards/accuracies",), 0.5, "chance"),
+    PlotSpec(
+        "logps",
+        "Sequence log-probs",
+        ("logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected"),
+    ),
+    PlotSpec("delta", "BCO δ (running mean reward)", ("bco/delta",), with_eval=False),
+    PlotSpec("learning_rate", "Learning rate", ("learning_rate",)),
+    PlotSpec("grad_norm", "Gradient norm", ("grad_norm",)),
+    PlotSpec("throughput", "Throughput (pairs/s)", ("pairs_per_s",)),
+)
+SUMMARY_PANELS = ("loss", "accuracy", "margins", "rewards", "logps", "delta")
+
+
+def _draw(ax, m: RunMetrics, spec: PlotSpec) -> bool:
+    """Draw ``spec`` on ``ax``: train solid, eval dashed with markers; False when nothing was logged."""
+    drawn = False
+    for i, key in enumerate(spec.keys):
+        is_ref = "ref_" in key
+        # A reference curve takes its policy curve's colour, dotted.
+        base = key.replace("ref_", "")
+        color = f"C{spec.keys.index(base) if is_ref and base in spec.keys else i}"
+        x, y = m.series(key)
+        if x:
+            ax.plot(x, y, ":" if is_ref else "-", color=color, label=key, linewidth=1.4)
+            drawn = True
+        ex, ey = m.series(key, "eval") if spec.with_eval and not is_ref else ([], [])
+        if ex:
+            ax.plot(ex, ey, "--o", color=color, label=f"eval {key}", markersize=4, linewidth=1.0)
+            drawn = True
+    if not drawn:
+        return False
+    if spec.hline is not None:
+        ax.axhline(spec.hline, color="grey", linewidth=0.8, linestyle="-.", label=spec.hline_label or None)
+    ax.set_title(spec.title, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return True
+
+
+def _figure(**kw):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: report runs on training nodes and in CI
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(**kw)
+
+
+def write_plots(m: RunMetrics, out_dir: Path) -> dict[str, Path]:
+    """One PNG per ``PLOTS`` entry that has data; returns {name: path}."""
+    written = {}
+    for spec in PLOTS:
+        plt, (fig, ax) = _figure(figsize=(6.4, 3.6))
+        try:
+            if _draw(ax, m, spec):
+                fig.tight_layout()
+                path = out_dir / f"{spec.name}.png"
+                fig.savefig(path, dpi=90)
+                written[spec.name] = path
+        finally:
+            plt.close(fig)
+    return written
+
+
+def write_summary_figure(m: RunMetrics, findings: list[Finding], path: Path, title: str) -> Path:
+    """The six main panels in one figure, titled with the verdict (the README screenshot)."""
+    specs = {s.name: s for s in PLOTS}
+    plt, (fig, axes) = _figure(nrows=2, ncols=3, figsize=(13, 6.4))
+    try:
+        for ax, name in zip(axes.flat, SUMMARY_PANELS):
+            if not _draw(ax, m, specs[name]):
+                ax.set_axis_off()
+        problems = [f.title for f in findings if f.level in ("bad", "warn")]
+        verdict = headline(findings) + (": " + "; ".join(problems) if problems else "")
+        fig.suptitle(f"{title}  -  verdict: {verdict}", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(path, dpi=72)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ---- HTML ------------------------------------------------------------------------------------
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.f{border-left:5px solid #999;padding:.4em .8em;margin:.6em 0;background:#fafafa}
+.bad{border-color:#c62828}.warn{border-color:#ef8f00}.ok{border-color:#2e7d32}
+.lvl{font-weight:bold;text-transform:uppercase;font-size:.8em;margin-right:.5em}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.grid img{width:540px;max-width:100%}
+img.summary{width:100%}table{border-collapse:collapse;font-size:.85em;width:100%}
+td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
+pre{background:#f4f4f4;padding:.6em;overflow-x:auto;font-size:.8em}
+"""
+
+
+def _img(path: Path, cls: str = "") -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img class="{cls}" alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _findings_html(findings: list[Finding]) -> str:
+    out = []
+    for f in findings:
+        advice = f"<div><b>What to try:</b> {html.escape(f.advice)}</div>" if f.advice else ""
+        out.append(
+            f'<div class="f {f.level}"><span class="lvl">{f.level}</span><b>{html.escape(f.title)}</b>'
+            f"<div>{html.escape(f.detail)}</div>{advice}</div>"
+        )
+    return "\n".join(out)
+
+
+def _samples_html(samples: list[dict[str, Any]]) -> str:
+    if not samples:
+        return "<p>No sample generations (set <code>training.sample_steps</code> to log some).</p>"
+    by_prompt: dict[int, list[dict[str, Any]]] = {}
+    for r in samples:
+        by_prompt.setdefault(int(r.get("prompt_id", 0)), []).append(r)
+    out = []
+    for pid, rows in sorted(by_prompt.items()):
+        first = rows[0]
+        where = f"{first.get('split', '')} {first.get('dataset', '')}:{first.get('line', '')}"
+        out.append(f"<h3>Prompt {pid} <small>({html.escape(where)})</small></h3>")
+        out.append(
+            f"<p><b>Question:</b> {html.escape(str(first.get('question', '')))}<br>"
+            f"<b>Chosen:</b> {html.escape(str(first.get('chosen', '')))}<br>"
+            f"<b>Rejected:</b> {html.escape(str(first.get('rejected', '')))}</p>"
+        )
+        body = "".join(
+            f"<tr><td>{int(r.get('step', 0))}</td><td>{html.escape(str(r['generated']))}</td></tr>"
+            for r in sorted(rows, key=lambda r: r.get("step", 0))
+        )
+        out.append(f"<table><tr><th>step</th><th>greedy answer</th></tr>{body}</table>")
+    return "\n".join(out)
+
+
+def _json_block(run_dir: Path, name: str) -> str:
+    p = run_dir / name
+    if not p.is_file():
+        return ""
+    return f"<h3>{html.escape(name)}</h3><pre>{html.escape(p.read_text(encoding='utf-8'))}</pre>"
+
+
+def render_html(
+    run_dir: Path,
+    m: RunMetrics,
+    findings: list[Finding],
+    plots: dict[str, Path],
+    summary_png: Path,
+    samples: list[dict[str, Any]],
+) -> str:
+    """The self-contained report page."""
+    missing = [s.name for s in PLOTS if s.name not in plots]
+    notes = []
+    if missing:
+        notes.append(f"Not logged in this run: {', '.join(missing)}.")
+    if m.bad_lines:
+        notes.append(
+            f"{len(m.bad_lines)} malformed line(s) in {METRICS_FILE} skipped (first: line {m.bad_lines[0]})."
+        )
+    last_step = int(m.train[-1].get("step", 0)) if m.train else 0
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>MPO run report: {html.escape(run_dir.name)}</title>
+<style>{CSS}</style></head><body>
+<h1>MPO run report: {html.escape(str(run_dir))}</h1>
+<p>{len(m.train)} training logs up to step {last_step}, {len(m.eval)} evaluations.
+Verdict: <b>{html.escape(headline(findings))}</b>. {html.escape(" ".join(notes))}</p>
+<h2>Verdict</h2>
+{_findings_html(findings)}
+<h2>Summary</h2>
+{_img(summary_png, "summary")}
+<h2>All curves</h2>
+<p>Solid: training logs; dashed with markers: held-out evaluation; grey: the value at π = πref.</p>
+<div class="grid">{"".join(_img(p) for p in plots.values())}</div>
+<h2>Sample generations</h2>
+{_samples_html(samples)}
+<h2>Run</h2>
+{_json_block(run_dir, "summary.json")}{_json_block(run_dir, "run_info.json")}{_json_block(run_dir, "config.yaml")}
+</body></html>
+"""
+
+
+# ---- entry points ----------------------------------------------------------------------------
+@dataclass
+class Report:
+    html: Path
+    summary_png: Path
+    plots: dict[str, Path]
+    findings: list[Finding]
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Report:
+    """Read ``run_dir`` and write ``report.html``, ``summary.png`` and every plot to ``out_dir``."""
+    run = Path(run_dir)
+    metrics_path = run / METRICS_FILE
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{metrics_path} not found: is {run} a training output dir (training.output_dir)?"
+        )
+    out = Path(out_dir) if out_dir is not None else run / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    m = read_metrics(metrics_path)
+    if not m.train and not m.eval:
+        raise ValueError(
+            f"{metrics_path}: no training or evaluation log lines (has the run logged a step yet?)"
+        )
+    findings = diagnose(m, read_loss_settings(run))
+    plots = write_plots(m, out)
+    summary_png = write_summary_figure(m, findings, out / "summary.png", run.resolve().name)
+    samples = read_samples(run / SAMPLES_FILE)
+    page = out / "report.html"
+    page.write_text(render_html(run, m, findings, plots, summary_png, samples), encoding="utf-8")
+    return Report(page, summary_png, plots, findings)
+
+
+def format_findings(findings: list[Finding]) -> str:
+    lines = [f"verdict: {headline(findings)}"]
+    for f in findings:
+        lines.append(f"  [{f.level}] {f.title}: {f.detail}")
+        if f.advice:
+            lines.append(f"        try: {f.advice}")
+    return "\n".join(lines)
+
+
+def cmd_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="mpo report", description="Plots, verdict and samples for a training run"
+    )
+    p.add_argument("run_dir", help="training.output_dir of the run (holds metrics.jsonl)")
+    p.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR/report)")
+    a = p.parse_args(argv)
+    try:
+        rep = write_report(a.run_dir, a.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_findings(rep.findings))
+    print(f"report: {rep.html}  ({len(rep.plots)} plots)")
+    return 0
+
+
+CLI_COMMANDS = {"report": cmd_report}
