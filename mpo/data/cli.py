@@ -99,7 +99,10 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
     ds.cfg = data_cfg  # judge with the run's own policy
     ok, problem = True, None
     if data_cfg.on_bad_sample == "error" and ds.bad:
-        ok, problem = False, f"{ds.bad} bad line(s); training with data.on_bad_sample=error stops at the first"
+        ok, problem = (
+            False,
+            f"{ds.bad} bad line(s); training with data.on_bad_sample=error stops at the first",
+        )
     else:
         try:
             ds.check_bad_fraction(final=True)
@@ -122,7 +125,9 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
 
 
 def _format_check(res: dict[str, Any]) -> str:
-    lines = [f"{res['meta_path']}: {'OK' if res['ok'] else 'FAILED'}  pairs (after repeat_time): {res['pairs']}"]
+    lines = [
+        f"{res['meta_path']}: {'OK' if res['ok'] else 'FAILED'}  pairs (after repeat_time): {res['pairs']}"
+    ]
     for name, s in res["datasets"].items():
         lines.append(
             f"  {name}: lines {s.get('lines', 0)}, valid {s.get('valid_lines', 0)}, skipped {s.get('skipped', 0)}, "
@@ -149,7 +154,9 @@ def cmd_check(argv: list[str]) -> int:
 
     try:
         args, cfg, tokenizer, vision = _setup(argv, "mpo data check", extra)
-        metas = [("train", cfg.data.meta_path)] + ([("eval", cfg.data.eval_meta_path)] if cfg.data.eval_meta_path else [])
+        metas = [("train", cfg.data.meta_path)] + (
+            [("eval", cfg.data.eval_meta_path)] if cfg.data.eval_meta_path else []
+        )
         ok = True
         for split, meta in metas:
             res = check_dataset(meta, tokenizer, vision, cfg.data)
@@ -159,7 +166,12 @@ def cmd_check(argv: list[str]) -> int:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 (Path(args.out) / name).write_text(json.dumps(res["report"], indent=1, ensure_ascii=False))
             if args.json:
-                print(json.dumps({"split": split, **{k: v for k, v in res.items() if k != "report"}}, ensure_ascii=False))
+                print(
+                    json.dumps(
+                        {"split": split, **{k: v for k, v in res.items() if k != "report"}},
+                        ensure_ascii=False,
+                    )
+                )
             else:
                 print(f"[{split}] " + _format_check(res))
     except (ConfigError, DataError) as exc:
@@ -184,7 +196,9 @@ def inspect_pair(pair: dict[str, Any], tokenizer, tokens_per_tile: int, ignore_i
         ids, labels = pair[f"{name}_input_ids"], pair[f"{name}_labels"]
         out[name] = {
             "text": tokenizer.decode(ids.tolist(), skip_special_tokens=False),
-            "trained_text": tokenizer.decode(labels[labels != ignore_index].tolist(), skip_special_tokens=False),
+            "trained_text": tokenizer.decode(
+                labels[labels != ignore_index].tolist(), skip_special_tokens=False
+            ),
             "num_tokens": int(ids.numel()),
         }
     return out
@@ -196,7 +210,9 @@ def cmd_inspect(argv: list[str]) -> int:
     def extra(p):
         p.add_argument("--index", required=True, help="sample index (0-based, after repeat_time) or 'all'")
         p.add_argument("--json", action="store_true", help="JSON output (the only format)")
-        p.add_argument("--eval", action="store_true", help="read data.eval_meta_path instead of data.meta_path")
+        p.add_argument(
+            "--eval", action="store_true", help="read data.eval_meta_path instead of data.meta_path"
+        )
 
     from mpo.config import ConfigError
     from mpo.data.pairs import PairDataset
@@ -222,7 +238,11 @@ def cmd_inspect(argv: list[str]) -> int:
             if pair is None:  # skipped under on_bad_sample=skip; the reason goes to stderr
                 print(f"index {i}: skipped: {ds.last_skip}", file=sys.stderr)
                 continue
-            print(json.dumps(inspect_pair(pair, tokenizer, vision.tokens_per_tile, IGNORE_INDEX), ensure_ascii=False))
+            print(
+                json.dumps(
+                    inspect_pair(pair, tokenizer, vision.tokens_per_tile, IGNORE_INDEX), ensure_ascii=False
+                )
+            )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

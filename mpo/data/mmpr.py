@@ -180,10 +180,14 @@ class JsonlFile:
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LineError(f"{self.path}:{line_no}: not valid JSON ({exc})", "invalid_json", line_no) from exc
+            raise LineError(
+                f"{self.path}:{line_no}: not valid JSON ({exc})", "invalid_json", line_no
+            ) from exc
         if not isinstance(obj, dict):
             raise LineError(
-                f"{self.path}:{line_no}: a line must be a JSON object, got {type(obj).__name__}", "invalid_json", line_no
+                f"{self.path}:{line_no}: a line must be a JSON object, got {type(obj).__name__}",
+                "invalid_json",
+                line_no,
             )
         return line_no, obj
 
@@ -198,7 +202,9 @@ class TableFile:
         if self.path.is_dir():
             ds = datasets.load_from_disk(str(self.path))
             if isinstance(ds, datasets.DatasetDict):
-                raise DataError(f"{self.path}: a DatasetDict; point at one split's folder (one of {list(ds)})")
+                raise DataError(
+                    f"{self.path}: a DatasetDict; point at one split's folder (one of {list(ds)})"
+                )
         elif self.path.suffix == ".arrow":
             ds = datasets.Dataset.from_file(str(self.path))  # maps the file, no copy
         else:  # parquet: converted once into the datasets cache, then memory-mapped
@@ -250,7 +256,9 @@ class MixedSource:
         for k, (spec, f) in enumerate(zip(self.specs, self.files)):
             n = len(f)
             whole = math.floor(spec.repeat_time)
-            extra = repeat_indices(n, spec.repeat_time - whole, seed + k) if spec.repeat_time != whole else None
+            extra = (
+                repeat_indices(n, spec.repeat_time - whole, seed + k) if spec.repeat_time != whole else None
+            )
             self._whole.append(whole)
             self._extra.append(extra if extra is not None else np.empty(0, np.int64))
             sizes.append(whole * n + len(self._extra[-1]))

@@ -70,7 +70,9 @@ def _text_field(obj: dict, key: str, where: str) -> str:
         raise SampleError(f"{where}: missing field '{key}'", f"missing_{key}")
     value = obj[key]
     if not isinstance(value, str):
-        raise SampleError(f"{where}: field '{key}' must be a string, got {type(value).__name__}", f"bad_{key}")
+        raise SampleError(
+            f"{where}: field '{key}' must be a string, got {type(value).__name__}", f"bad_{key}"
+        )
     if key != "question" and not value.strip():
         raise SampleError(f"{where}: field '{key}' is empty", f"empty_{key}")
     return value
@@ -83,11 +85,15 @@ def resolve_media(root: Path, rel: Any, where: str, field: str) -> Path:
     is a symlink to another disk is a normal set-up, while ``../../etc/x`` in a line is not.
     """
     if not isinstance(rel, str) or not rel:
-        raise SampleError(f"{where}: field '{field}' must be a non-empty path string", f"bad_{field.split('[')[0]}")
+        raise SampleError(
+            f"{where}: field '{field}' must be a non-empty path string", f"bad_{field.split('[')[0]}"
+        )
     base = os.path.normpath(os.path.abspath(root))
     path = os.path.normpath(os.path.join(base, rel))
     if os.path.commonpath([base, path]) != base:
-        raise SampleError(f"{where}: field '{field}': path '{rel}' escapes the dataset root {root}", "path_escapes_root")
+        raise SampleError(
+            f"{where}: field '{field}': path '{rel}' escapes the dataset root {root}", "path_escapes_root"
+        )
     return Path(path)
 
 
@@ -101,7 +107,9 @@ def load_image(path: Path | bytes, where: str, field: str) -> Image.Image:
         raise SampleError(f"{where}: field '{field}': image not found: {path}", "missing_image") from exc
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         shown = path if isinstance(path, Path) else "<embedded bytes>"
-        raise SampleError(f"{where}: field '{field}': cannot decode image {shown}: {exc}", "corrupt_image") from exc
+        raise SampleError(
+            f"{where}: field '{field}': cannot decode image {shown}: {exc}", "corrupt_image"
+        ) from exc
 
 
 def _media_list(obj: dict, where: str) -> tuple[str, list[Any]]:
@@ -110,7 +118,9 @@ def _media_list(obj: dict, where: str) -> tuple[str, list[Any]]:
     has_image = image is not None and not (isinstance(image, (str, list)) and len(image) == 0)
     has_video = video is not None and video != ""
     if has_image and has_video:
-        raise SampleError(f"{where}: fields 'image' and 'video' are both set; one kind of media per pair", "image_and_video")
+        raise SampleError(
+            f"{where}: fields 'image' and 'video' are both set; one kind of media per pair", "image_and_video"
+        )
     if has_video:
         return "video", [video]
     if not has_image:
@@ -182,7 +192,9 @@ class PairEncoder:
         chosen = _text_field(obj, "chosen", where)
         rejected = _text_field(obj, "rejected", where)
         if chosen == rejected:
-            raise SampleError(f"{where}: fields 'chosen' and 'rejected' are identical", "chosen_equals_rejected")
+            raise SampleError(
+                f"{where}: fields 'chosen' and 'rejected' are identical", "chosen_equals_rejected"
+            )
         kind, pixel_values, tiles = self.images(spec, obj, where)
         try:
             if kind == "video":
@@ -192,10 +204,18 @@ class PairEncoder:
             raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
         try:
             prompt = self.template.encode_prompt(expanded)
-            answers = {"chosen": self.template.encode_answer(chosen), "rejected": self.template.encode_answer(rejected)}
+            answers = {
+                "chosen": self.template.encode_answer(chosen),
+                "rejected": self.template.encode_answer(rejected),
+            }
         except TemplateError as exc:
             raise SampleError(f"{where}: field 'chosen'/'rejected': {exc}", "bad_answer") from exc
-        out: dict[str, Any] = {"pixel_values": pixel_values, "num_tiles": tiles, "dataset": spec.name, "line": line_no}
+        out: dict[str, Any] = {
+            "pixel_values": pixel_values,
+            "num_tiles": tiles,
+            "dataset": spec.name,
+            "line": line_no,
+        }
         for name, (ids, labels) in answers.items():
             ids, labels = self._fit(prompt, ids, labels, name, where)
             out[f"{name}_input_ids"] = torch.tensor(prompt + ids, dtype=torch.long)

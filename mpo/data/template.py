@@ -15,9 +15,7 @@ IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
 VIDEO_PLACEHOLDER = "<video>"
 
-DEFAULT_SYSTEM_MESSAGE = (
-    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-)
+DEFAULT_SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
 
 class TemplateError(ValueError):
@@ -45,7 +43,9 @@ def expand_image_placeholders(question: str, image_token_counts: list[int]) -> s
         question = IMAGE_PLACEHOLDER + "\n" + question
         count = 1
     if count != n_images:
-        raise TemplateError(f"question has {count} '<image>' placeholder(s) but the sample has {n_images} image(s)")
+        raise TemplateError(
+            f"question has {count} '<image>' placeholder(s) but the sample has {n_images} image(s)"
+        )
     for n in image_token_counts:
         question = question.replace(IMAGE_PLACEHOLDER, image_span(n), 1)
     return question
@@ -64,9 +64,13 @@ def expand_video_placeholder(question: str, num_frames: int) -> str:
         TemplateError: more than one ``<video>``, or ``<image>`` placeholders in a video question.
     """
     if question.count(VIDEO_PLACEHOLDER) > 1:
-        raise TemplateError(f"question has {question.count(VIDEO_PLACEHOLDER)} '<video>' placeholders; one video per sample")
+        raise TemplateError(
+            f"question has {question.count(VIDEO_PLACEHOLDER)} '<video>' placeholders; one video per sample"
+        )
     if IMAGE_PLACEHOLDER in question:
-        raise TemplateError("a video question must not contain '<image>' placeholders (frames are inserted for '<video>')")
+        raise TemplateError(
+            "a video question must not contain '<image>' placeholders (frames are inserted for '<video>')"
+        )
     frames = "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(num_frames))
     if VIDEO_PLACEHOLDER not in question:
         return frames + question
@@ -120,6 +124,8 @@ class TemplateEncoder:
         n = len(self.prefix_ids)
         # Masking by prefix length is only right when the turn starts with the prefix's tokens.
         if ids[:n] != self.prefix_ids or len(ids) < n + 2:
-            raise TemplateError("assistant answer does not tokenize after the '<|im_start|>assistant\\n' prefix")
+            raise TemplateError(
+                "assistant answer does not tokenize after the '<|im_start|>assistant\\n' prefix"
+            )
         labels = [IGNORE_INDEX] * n + ids[n:-1] + [IGNORE_INDEX]
         return ids, labels

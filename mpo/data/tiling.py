@@ -59,7 +59,9 @@ def dynamic_tiles(
     return tiles
 
 
-def count_tiles(width: int, height: int, max_num: int, image_size: int, min_num: int = 1, use_thumbnail: bool = True) -> int:
+def count_tiles(
+    width: int, height: int, max_num: int, image_size: int, min_num: int = 1, use_thumbnail: bool = True
+) -> int:
     """How many tiles ``tile_image`` makes for a ``width`` x ``height`` image, without resizing."""
     cols, rows = choose_grid(width, height, min_num, max_num, image_size)
     return cols * rows + (1 if use_thumbnail and cols * rows != 1 else 0)

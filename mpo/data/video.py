@@ -77,14 +77,20 @@ def video_frames(path: Path, data_cfg, where: str) -> list[Image.Image]:
             total, _ = _decode(path, None)
         if total <= 0:
             raise VideoError(f"{where}: field 'video': {path} has no frames", "corrupt_video")
-        idx = frame_indices(total, num_frames_to_sample(total, data_cfg.video_min_frames, data_cfg.video_max_frames))
+        idx = frame_indices(
+            total, num_frames_to_sample(total, data_cfg.video_min_frames, data_cfg.video_max_frames)
+        )
         decoded, kept = _decode(path, set(idx))
     except (av.error.FFmpegError, IndexError) as exc:
-        raise VideoError(f"{where}: field 'video': cannot decode video {path}: {exc}", "corrupt_video") from exc
+        raise VideoError(
+            f"{where}: field 'video': cannot decode video {path}: {exc}", "corrupt_video"
+        ) from exc
     missing = [k for k in idx if k not in kept]
     if missing:  # the header promised more frames than the stream holds
         if decoded <= 0:
             raise VideoError(f"{where}: field 'video': {path} has no frames", "corrupt_video")
-        idx = frame_indices(decoded, num_frames_to_sample(decoded, data_cfg.video_min_frames, data_cfg.video_max_frames))
+        idx = frame_indices(
+            decoded, num_frames_to_sample(decoded, data_cfg.video_min_frames, data_cfg.video_max_frames)
+        )
         _, kept = _decode(path, set(idx))
     return [kept[k] for k in idx]
