@@ -1,6 +1,7 @@
 """Deterministic demo preference data in the MMPR format: coloured shapes a tiny model can learn.
 
-Each image holds one filled shape on a grey background. Questions ask its colour or its kind;
+Each image holds one filled shape on a plain background. Questions ask the shape's colour or the
+background's;
 ``chosen`` is the right answer with a short reason, ``rejected`` a wrong one. Answering needs
 the image (every colour/shape is equally likely in both roles), so held-out preference accuracy
 only rises above 0.5 when the model really uses the vision path.
@@ -23,11 +24,12 @@ COLORS = {
     "orange": (245, 140, 20),
 }
 SHAPES = ["circle", "square"]
+BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10), "gray": (128, 128, 128)}
 
 
-def draw_shape(color: str, shape: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+def draw_shape(color: str, shape: str, background: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
     w, h = size
-    img = Image.new("RGB", size, (128, 128, 128))
+    img = Image.new("RGB", size, BACKGROUNDS[background])
     d = ImageDraw.Draw(img)
     r = int(min(w, h) * rng.uniform(0.28, 0.4))
     cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
@@ -39,17 +41,17 @@ def draw_shape(color: str, shape: str, size: tuple[int, int], rng: random.Random
     return img
 
 
-def make_pair(rng: random.Random, image_rel: str, color: str, shape: str) -> dict:
+def make_pair(rng: random.Random, image_rel: str, color: str, background: str) -> dict:
     if rng.random() < 0.7:
         wrong = rng.choice([c for c in COLORS if c != color])
         question = "<image>\nWhat color is the shape? Answer with one word."
         chosen = f"The shape is {color}."
         rejected = f"The shape is {wrong}."
     else:
-        wrong = next(s for s in SHAPES if s != shape)
-        question = "What shape is shown?"  # no placeholder: the loader prefixes "<image>\n"
-        chosen = f"It is a {shape}."
-        rejected = f"It is a {wrong}."
+        wrong = rng.choice([b for b in BACKGROUNDS if b != background])
+        question = "What color is the background?"  # no placeholder: the loader prefixes "<image>\n"
+        chosen = f"The background is {background}."
+        rejected = f"The background is {wrong}."
     return {"image": image_rel, "question": question, "chosen": chosen, "rejected": rejected, "answer_gt": color}
 
 
@@ -62,12 +64,12 @@ def write_demo_data(out_dir: str | Path, n_train: int = 480, n_eval: int = 120, 
     for split, n in (("train", n_train), ("eval", n_eval)):
         lines = []
         for i in range(n):
-            color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            color, shape, background = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
             # Mostly one tile; every fifth image is wide, so it is tiled 2x1 plus a thumbnail.
             size = (128, 64) if i % 5 == 4 else (64, 64)
             rel = f"images/{split}_{i:05d}.png"
-            draw_shape(color, shape, size, rng).save(out / rel)
-            lines.append(json.dumps(make_pair(rng, rel, color, shape)))
+            draw_shape(color, shape, background, size, rng).save(out / rel)
+            lines.append(json.dumps(make_pair(rng, rel, color, background)))
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
         meta = {
             f"shapes_{split}": {

@@ -188,6 +188,23 @@ class MPOTrainer(Trainer):
         if _dist_ready():
             dist.barrier()
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load a checkpoint's weights through ``from_pretrained``'s key mapping.
+
+        transformers 5.23's Trainer loads ``model.safetensors`` with a raw ``load_state_dict``,
+        but ``save_pretrained`` writes InternVL in the -hf key layout (``vision_tower.*``, not
+        ``model.vision_tower.*``), so every key misses and resume silently keeps the current
+        weights. Loading through the model class applies the mapping; strict loading then
+        guarantees every parameter came from the checkpoint.
+        """
+        model = model if model is not None else self.model
+        target = self.accelerator.unwrap_model(model)
+        if hasattr(target, "disable_adapter") or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+
     def load_mpo_state(self, checkpoint: str | os.PathLike) -> None:
         path = Path(checkpoint) / MPO_STATE_NAME
         if not path.is_file():

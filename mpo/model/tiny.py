@@ -68,7 +68,7 @@ def default_corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the template, the system prompt and demo answers."""
     words = (
         "What color is the shape in the image ? Answer with one word . The shape is red green blue "
-        "yellow purple orange white black . What shape is shown ? It is a circle square triangle . "
+        "yellow purple orange white black . What shape is shown ? It is a circle square triangle . What color is the background ? The background is white black gray . "
         "How many shapes are there ? There are one two three four five shapes . Describe the image "
         "Frame user assistant system image picture the a an of and is are in on with"
     )

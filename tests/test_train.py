@@ -1,0 +1,135 @@
+"""CPU training on the tiny model: step-0 loss, outputs, δ across resume, learning."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from mpo.run import build_trainer, run_training
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_logs(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in _records(run_dir) if "loss" in r and "train_runtime" not in r}
+
+
+class StopAfter(TrainerCallback):
+    """Ends training after ``step`` optimizer steps, as a crash would (the schedule stays the full run's)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_step0_loss_equals_0p832_plus_nll(tiny_config):
+    """π = πref and δ = 0 before the first update: L = 0.8·ln2 + 0.2·2·ln2 + NLL(chosen)."""
+    trainer, _ = build_trainer(tiny_config())
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    # Independent NLL: the model's own full forward (its own vision pass, full logits) on chosen rows.
+    b = batch["num_pairs"]
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"][:b],
+            attention_mask=batch["attention_mask"][:b],
+            pixel_values=batch["pixel_values"][: batch["pixel_values"].shape[0]],
+        )
+    logits = out.logits[:, :-1].float()
+    targets = batch["labels"][:b, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    expected = 0.8 * math.log(2) + 0.2 * 2 * math.log(2) + nll.item()
+    assert trainer.reward_shift.value == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_run_writes_outputs_and_final_model_loads(tiny_config):
+    cfg = tiny_config()
+    summary = run_training(cfg)
+    run_dir = Path(cfg.training["output_dir"])
+    for name in ("config.yaml", "run_info.json", "metrics.jsonl", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    logs = _train_logs(run_dir)
+    assert sorted(logs) == [1, 2, 3, 4]
+    required = ["loss", "loss/dpo", "loss/bco", "loss/sft", "rewards/chosen", "rewards/rejected",
+                "rewards/accuracies", "rewards/margins", "bco/delta", "learning_rate", "grad_norm", "tokens_per_s"]
+    for key in required:
+        assert all(key in r for r in logs.values()), key
+    # Each logged loss is the weighted sum of its logged terms (one micro-batch per step here).
+    for r in logs.values():
+        assert r["loss"] == pytest.approx(0.8 * r["loss/dpo"] + 0.2 * r["loss/bco"] + r["loss/sft"], rel=2e-3)
+    assert summary["global_step"] == 4 and "rewards/accuracies" in summary["eval"]
+    ckpts = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2", "checkpoint-4"]
+    for c in ckpts:
+        state = json.loads((run_dir / c / "mpo_state.json").read_text())["reward_shift"]
+        assert state["count"] == 2 * 2 * int(c.split("-")[1])  # chosen+rejected rewards of 2 pairs per step
+
+    from transformers import InternVLForConditionalGeneration
+
+    final = InternVLForConditionalGeneration.from_pretrained(run_dir / "final")
+    start = InternVLForConditionalGeneration.from_pretrained(cfg.model.path)
+    diff = sum((a - b).abs().sum().item() for a, b in zip(final.parameters(), start.parameters()))
+    assert diff > 0, "training changed no weight"
+    assert (run_dir / "final" / "tokenizer.json").is_file()
+
+
+def test_delta_and_losses_after_resume_equal_uninterrupted_run(tiny_config, tmp_path):
+    full_cfg = tiny_config(f"training.output_dir={tmp_path / 'full'}")
+    run_training(full_cfg)
+    # Second run (same schedule) is stopped after step 2's checkpoint, then resumed to step 4.
+    part_cfg = tiny_config(f"training.output_dir={tmp_path / 'part'}")
+    trainer, _ = build_trainer(part_cfg)
+    trainer.add_callback(StopAfter(2))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    resumed_cfg = tiny_config(f"training.output_dir={tmp_path / 'part'}", "training.resume_from_checkpoint=latest")
+    trainer, resume = build_trainer(resumed_cfg)
+    assert resume.endswith("checkpoint-2")
+    trainer.train(resume_from_checkpoint=resume)
+
+    full = _train_logs(tmp_path / "full")
+    part = _train_logs(tmp_path / "part")
+    for step in (3, 4):
+        assert part[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5, abs=1e-6)
+        assert part[step]["bco/delta"] == pytest.approx(full[step]["bco/delta"], rel=1e-6, abs=1e-9)
+    assert trainer.reward_shift.value == pytest.approx(full[4]["bco/delta"], rel=1e-6, abs=1e-9)
+    assert trainer.reward_shift.value != 0.0
+
+
+@pytest.mark.slow
+def test_training_raises_reward_accuracy_and_margins(tiny_config):
+    cfg = tiny_config(
+        "training.max_steps=48", "training.per_device_train_batch_size=4", "training.learning_rate=3e-3",
+        "training.save_strategy=no", "training.logging_steps=4",
+    )
+    run_training(cfg)
+    logs = [r for _, r in sorted(_train_logs(Path(cfg.training["output_dir"])).items())]
+    first, last = logs[:2], logs[-3:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies") + 0.2
+    assert mean(last, "rewards/margins") > mean(first, "rewards/margins") + 0.05
+    assert mean(last, "loss") < mean(first, "loss")
+
+
+def test_missing_model_path_is_a_clear_error(tiny_config, tmp_path, capsys):
+    from mpo.cli import cmd_train
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"model:\n  path: {tmp_path / 'nope'}\ndata:\n  meta_path: m.json\n")
+    assert cmd_train(["--config", str(cfg_path)]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert cmd_train(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
