@@ -33,14 +33,19 @@ def check_model_path(path: str) -> None:
             )
         return
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ModelLoadError(f"model.path {path}: no such folder (and it is not a hub id of the form owner/name)")
+        raise ModelLoadError(
+            f"model.path {path}: no such folder (and it is not a hub id of the form owner/name)"
+        )
 
 
 def load_tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(path)
+    """The checkpoint's tokenizer; never runs remote code (original-format folders name some)."""
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def load_model(path: str, torch_dtype: str = "float32", attn_implementation: str = "sdpa") -> InternVLForConditionalGeneration:
+def load_model(
+    path: str, torch_dtype: str = "float32", attn_implementation: str = "sdpa"
+) -> InternVLForConditionalGeneration:
     """Load an InternVL checkpoint in native (-hf) format; original format is converted in memory."""
     check_model_path(path)
     p = Path(path)
@@ -49,7 +54,9 @@ def load_model(path: str, torch_dtype: str = "float32", attn_implementation: str
         if "InternVLChatModel" in arch:
             from mpo.model.convert import load_original_as_native
 
-            return load_original_as_native(p, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation)
+            return load_original_as_native(
+                p, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation
+            )
     return InternVLForConditionalGeneration.from_pretrained(
         path, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation
     )
