@@ -448,3 +448,12 @@ class SampleGenerationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
             self._run(state, model)
+
+
+def finish_loggers() -> None:
+    """Close the wandb run (flushes an offline run's files); call once training and eval are done."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never import wandb just to find there is no run
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
