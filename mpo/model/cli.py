@@ -1,0 +1,91 @@
+"""``mpo convert``, ``mpo export`` and ``mpo generate`` (loaded by ``mpo.cli``).
+
+mpo convert --to native|original IN OUT
+mpo export [--merge-lora] CKPT OUT [--format native|original] [--base BASE]
+mpo generate --model DIR [--image X] --question Q [--max-new-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mpo.model.convert import FormatError
+from mpo.model.lora import LoraConfigError
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_convert(argv: list[str]) -> int:
+    """Convert a checkpoint folder between the original (LMDeploy) and native (-hf) formats."""
+    from mpo.model.convert import convert_checkpoint
+
+    p = argparse.ArgumentParser(prog="mpo convert", description=cmd_convert.__doc__)
+    p.add_argument("--to", required=True, choices=["native", "original"])
+    p.add_argument("src", help="checkpoint folder (either format)")
+    p.add_argument("dst", help="output folder")
+    a = p.parse_args(argv)
+    try:
+        print(convert_checkpoint(a.src, a.dst, a.to))
+    except (FormatError, ValueError, FileExistsError) as exc:
+        return _fail(exc)
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    """Write a servable full model (LoRA adapters merged) with tokenizer, chat template and model card."""
+    from mpo.model.export import export_model, is_adapter_dir
+
+    p = argparse.ArgumentParser(prog="mpo export", description=cmd_export.__doc__)
+    p.add_argument("ckpt", help="a run's final/ or checkpoint-N/ folder (LoRA adapter or full model)")
+    p.add_argument("out", help="new output folder")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="merge LoRA adapters into the base (required for adapter folders)",
+    )
+    p.add_argument(
+        "--format",
+        default="native",
+        choices=["native", "original"],
+        help="native (-hf, vLLM/transformers) or original (LMDeploy)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model of the adapters (default: the one recorded in adapter_config.json)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a = p.parse_args(argv)
+    if is_adapter_dir(a.ckpt) and not a.merge_lora:
+        return _fail(ValueError(f"{a.ckpt} holds LoRA adapters: pass --merge-lora to write a full model"))
+    try:
+        print(export_model(a.ckpt, a.out, fmt=a.format, base=a.base, torch_dtype=a.dtype))
+    except (FormatError, LoraConfigError, ValueError, FileExistsError) as exc:
+        return _fail(exc)
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    """Greedy answer from a model folder, with InternVL's tiling and chat template."""
+    from mpo.model.generate import answer_from_dir
+
+    p = argparse.ArgumentParser(prog="mpo generate", description=cmd_generate.__doc__)
+    p.add_argument("--model", required=True, help="model folder (native, original or LoRA adapter)")
+    p.add_argument("--image", default=None, help="image file (optional)")
+    p.add_argument("--question", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-num", type=int, default=12, help="max tiles per image")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a = p.parse_args(argv)
+    try:
+        print(answer_from_dir(a.model, a.question, a.image, a.max_new_tokens, a.max_num, a.dtype))
+    except (FormatError, ValueError, FileNotFoundError) as exc:
+        return _fail(exc)
+    return 0
+
+
+CLI_COMMANDS = {"convert": cmd_convert, "export": cmd_export, "generate": cmd_generate}
