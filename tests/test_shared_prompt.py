@@ -1,9 +1,9 @@
 """Shared-prompt forward (packed [prefix, chosen, rejected] rows, block mask) vs the plain path.
 
-Tolerance: float32; per-sequence log-probs equal ``batch_logps``' to atol 1e-4 (rtol 1e-5) and
-every parameter gradient to atol 1e-5 (rtol 1e-4). The packed row runs attention over a longer
-key set with masked entries, so the reduction order differs from the plain row's; the values are
-sums over up to ~40 tokens of log-probs of magnitude ~6, hence the log-prob atol.
+Tolerance: float32; per-sequence log-probs and every parameter gradient equal the plain path's to
+atol 1e-5 (rtol 1e-5 / 1e-4). Masked keys get exactly zero attention weight, so in practice the
+log-probs agree bit for bit on CPU (max difference 0.0 seen with sdpa and eager); the tolerance
+leaves room for other kernels.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def test_shared_prompt_equals_plain_logps_and_gradients(tiny_model_dir, tiled_it
     (shared.logps * weights).sum().backward()
     shared_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    torch.testing.assert_close(shared.logps, plain.logps, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(shared.logps, plain.logps, atol=1e-5, rtol=1e-5)
     assert torch.equal(shared.num_tokens, plain.num_tokens)
     assert set(shared_grads) == set(plain_grads)
     assert any(n.startswith("model.vision_tower.") for n in shared_grads)
