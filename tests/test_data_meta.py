@@ -20,7 +20,12 @@ VISION = VisionSpec(image_size=28, tokens_per_tile=2)
 def lines_for(tag: str, n: int, image: str | list[str] | None = None) -> list[dict]:
     out = []
     for i in range(n):
-        row = {"question": f"{tag} q{i}", "chosen": f"{tag} good {i}", "rejected": f"{tag} bad {i}", "extra": [i]}
+        row = {
+            "question": f"{tag} q{i}",
+            "chosen": f"{tag} good {i}",
+            "rejected": f"{tag} bad {i}",
+            "extra": [i],
+        }
         if image is not None:
             row["image"] = image
         out.append(row)
@@ -43,7 +48,12 @@ def mixed(tmp_path):
     write_jsonl(data / "a.jsonl", lines_for("A", 10, "wide.png"))
     write_jsonl(data / "b.jsonl", lines_for("B", 4))
     meta = {
-        "A": {"root": "../data/imgs", "annotation": "../data/a.jsonl", "repeat_time": 0.5, "max_dynamic_patch": 1},
+        "A": {
+            "root": "../data/imgs",
+            "annotation": "../data/a.jsonl",
+            "repeat_time": 0.5,
+            "max_dynamic_patch": 1,
+        },
         "B": {"root": "../data", "annotation": "../data/b.jsonl", "repeat_time": 3, "data_augment": False},
     }
     (tmp_path / "meta").mkdir()
@@ -55,7 +65,10 @@ def mixed(tmp_path):
 def test_meta_mixing_relative_root_and_repeat_time(mixed, tmp_path, tokenizer, monkeypatch):
     monkeypatch.chdir(tmp_path / "data")  # roots must resolve against the meta file, not the cwd
     specs = read_meta(mixed)
-    assert [s.root.resolve() for s in specs] == [(tmp_path / "data" / "imgs").resolve(), (tmp_path / "data").resolve()]
+    assert [s.root.resolve() for s in specs] == [
+        (tmp_path / "data" / "imgs").resolve(),
+        (tmp_path / "data").resolve(),
+    ]
     ds = PairDataset(mixed, tokenizer, VISION, DataConfig(max_dynamic_patch=4))
     assert ds.source.counts() == {"A": 5, "B": 12} and len(ds) == 17
     items = [ds[i] for i in range(len(ds))]
@@ -87,7 +100,9 @@ def test_multi_image_tile_budget(tmp_path, tokenizer):
         {"image": ["w.png"] * 2, "question": "<image><image>", "chosen": "a", "rejected": "b"},
         {"image": ["w.png"] * 5, "question": "<image>" * 5, "chosen": "a", "rejected": "b"},
     ]
-    ds = PairDataset(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, VISION, DataConfig(max_dynamic_patch=6))
+    ds = PairDataset(
+        write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, VISION, DataConfig(max_dynamic_patch=6)
+    )
     assert ds[0]["num_tiles"] == [3, 3]  # 6 // 2 = 3 per image: 2x1 grid + thumbnail
     assert ds[1]["num_tiles"] == [1] * 5  # max(1, 6 // 5) = 1 per image
 
@@ -128,7 +143,13 @@ def test_hf_datasets_sources_match_jsonl(tmp_path, tokenizer):
             for i in range(3):
                 a, b = ds[i], jsonl[i]
                 assert a["line"] == b["line"] == i + 1
-                for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "pixel_values"):
+                for key in (
+                    "chosen_input_ids",
+                    "chosen_labels",
+                    "rejected_input_ids",
+                    "rejected_labels",
+                    "pixel_values",
+                ):
                     assert torch.equal(a[key], b[key]), (kind, key)
 
 
@@ -147,7 +168,10 @@ def test_hf_source_missing_column_is_reported(tmp_path, tokenizer):
         ({"X": {"root": "."}}, "dataset 'X': missing field 'annotation'"),
         ({"X": {"annotation": "nope.jsonl"}}, "field 'annotation': file not found"),
         ({"X": {"annotation": "x.jsonl", "repeat_time": 0}}, "field 'repeat_time' must be a positive number"),
-        ({"X": {"annotation": "x.jsonl", "max_dynamic_patch": 0}}, "field 'max_dynamic_patch' must be a positive integer"),
+        (
+            {"X": {"annotation": "x.jsonl", "max_dynamic_patch": 0}},
+            "field 'max_dynamic_patch' must be a positive integer",
+        ),
         ([], "a meta file maps dataset names"),
     ],
 )

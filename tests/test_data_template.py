@@ -42,11 +42,19 @@ def trained(tokenizer, ids: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def test_single_image_prefix_and_masks(tmp_path, tokenizer):
-    line = {"image": "a.png", "question": "What color?", "chosen": "Red.", "rejected": "Blue.", "answer_gt": "x"}
+    line = {
+        "image": "a.png",
+        "question": "What color?",
+        "chosen": "Red.",
+        "rejected": "Blue.",
+        "answer_gt": "x",
+    }
     pair = encode_one(tmp_path, tokenizer, line, {"a.png": (28, 28)})
     prompt = SYS + f"<|im_start|>user\n{IMG1}\nWhat color?<|im_end|>\n"
     assert decoded(tokenizer, pair["chosen_input_ids"]) == prompt + "<|im_start|>assistant\nRed.<|im_end|>\n"
-    assert decoded(tokenizer, pair["rejected_input_ids"]) == prompt + "<|im_start|>assistant\nBlue.<|im_end|>\n"
+    assert (
+        decoded(tokenizer, pair["rejected_input_ids"]) == prompt + "<|im_start|>assistant\nBlue.<|im_end|>\n"
+    )
     assert trained(tokenizer, pair["chosen_input_ids"], pair["chosen_labels"]) == "Red.<|im_end|>"
     assert trained(tokenizer, pair["rejected_input_ids"], pair["rejected_labels"]) == "Blue.<|im_end|>"
     # The masked tail is exactly the final "\n"; the trained block is contiguous.
@@ -69,14 +77,19 @@ def test_multi_image_placeholders_in_the_middle(tmp_path, tokenizer):
     pair = encode_one(tmp_path, tokenizer, line, {"a.png": (28, 28), "b.png": (56, 28)}, max_dynamic_patch=4)
     assert pair["num_tiles"] == [1, 3]
     img2 = "<img>" + "<IMG_CONTEXT>" * 6 + "</img>"
-    expected = SYS + f"<|im_start|>user\nCompare {IMG1} with {img2} please.<|im_end|>\n<|im_start|>assistant\nSame.<|im_end|>\n"
+    expected = (
+        SYS
+        + f"<|im_start|>user\nCompare {IMG1} with {img2} please.<|im_end|>\n<|im_start|>assistant\nSame.<|im_end|>\n"
+    )
     assert decoded(tokenizer, pair["chosen_input_ids"]) == expected
     assert trained(tokenizer, pair["chosen_input_ids"], pair["chosen_labels"]) == "Same.<|im_end|>"
     assert pair["pixel_values"].shape == (4, 3, 28, 28)
 
 
 def test_text_only_pair(tmp_path, tokenizer):
-    pair = encode_one(tmp_path, tokenizer, {"question": "2+2?", "chosen": "4", "rejected": "5"}, system_message="Be brief.")
+    pair = encode_one(
+        tmp_path, tokenizer, {"question": "2+2?", "chosen": "4", "rejected": "5"}, system_message="Be brief."
+    )
     expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
     assert decoded(tokenizer, pair["chosen_input_ids"]) == expected
     assert trained(tokenizer, pair["chosen_input_ids"], pair["chosen_labels"]) == "4<|im_end|>"
@@ -86,7 +99,11 @@ def test_text_only_pair(tmp_path, tokenizer):
 @pytest.mark.parametrize(
     "image,question,message",
     [
-        (["a.png", "b.png"], "Only one <image> here", "1 '<image>' placeholder(s) but the sample has 2 image(s)"),
+        (
+            ["a.png", "b.png"],
+            "Only one <image> here",
+            "1 '<image>' placeholder(s) but the sample has 2 image(s)",
+        ),
         (["a.png", "b.png"], "No placeholder", "0 '<image>' placeholder(s) but the sample has 2 image(s)"),
         ("a.png", "<image> and <image>", "2 '<image>' placeholder(s) but the sample has 1 image(s)"),
         (None, "text <image>", "1 '<image>' placeholder(s) but the sample has 0 image(s)"),
@@ -152,7 +169,9 @@ def test_collating_real_pairs_keeps_each_pairs_tokens(tmp_path, tokenizer):
     ds = PairDataset(write_data(tmp_path, lines, {"a.png": (28, 28)}), tokenizer, VISION, DataConfig())
     items = [ds[0], ds[1]]
     batch = PairCollator(pad_token_id=7, ignore_index=-7)(items)
-    for row, (item, key) in enumerate([(items[0], "chosen"), (items[1], "chosen"), (items[0], "rejected"), (items[1], "rejected")]):
+    for row, (item, key) in enumerate(
+        [(items[0], "chosen"), (items[1], "chosen"), (items[0], "rejected"), (items[1], "rejected")]
+    ):
         ids = item[f"{key}_input_ids"]
         n = len(ids)
         assert torch.equal(batch["input_ids"][row, :n], ids)

@@ -97,7 +97,16 @@ def _gotocr2(img: Image.Image, max_num: int, size: int) -> torch.Tensor:
 def test_pixels_equal_gotocr2_small_tiles(max_num):
     """Many shapes at a 28px tile (fast): same tiles, thumbnail and normalisation, bit for bit."""
     size = 28
-    shapes = EXTREME_AND_TINY + [(28, 28), (29, 28), (56, 28), (57, 28), (84, 56), (60, 20), (123, 45), (45, 123)]
+    shapes = EXTREME_AND_TINY + [
+        (28, 28),
+        (29, 28),
+        (56, 28),
+        (57, 28),
+        (84, 56),
+        (60, 20),
+        (123, 45),
+        (45, 123),
+    ]
     for k, (w, h) in enumerate(shapes):
         img = _image(w, h, k)
         ours = tile_image(img, max_num, size)
@@ -107,7 +116,9 @@ def test_pixels_equal_gotocr2_small_tiles(max_num):
         assert torch.equal(ours, ref), (w, h, max_num, (ours - ref).abs().max())
 
 
-@pytest.mark.parametrize("w,h,max_num", [(3, 2, 6), (56, 56, 12), (1, 1000, 4), (900, 900, 12), (560, 448, 12)])
+@pytest.mark.parametrize(
+    "w,h,max_num", [(3, 2, 6), (56, 56, 12), (1, 1000, 4), (900, 900, 12), (560, 448, 12)]
+)
 def test_pixels_equal_gotocr2_at_448(w, h, max_num):
     img = _image(w, h, 0)
     ours = tile_image(img, max_num, 448)
@@ -126,4 +137,6 @@ def test_tiles_are_row_major_crops_plus_thumbnail():
     left = torch.from_numpy(((resized[:, :28] - mean) / std).transpose(2, 0, 1))
     torch.testing.assert_close(tiles[0], left, rtol=0, atol=1e-6)
     thumb = np.asarray(img.resize((28, 28), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
-    torch.testing.assert_close(tiles[2], torch.from_numpy(((thumb - mean) / std).transpose(2, 0, 1)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        tiles[2], torch.from_numpy(((thumb - mean) / std).transpose(2, 0, 1)), rtol=0, atol=1e-6
+    )

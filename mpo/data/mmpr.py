@@ -118,7 +118,7 @@ class RecordSource(Protocol):
     def record(self, i: int) -> tuple[int, dict[str, Any]]: ...
 
 
-def line_offsets(path: Path, chunk_bytes: int = 1 << 22) -> np.ndarray:
+def line_offsets(path: Path, chunk_bytes: int = 1 << 20) -> np.ndarray:
     """Start offset of every line of ``path`` plus the file size: int64 ``(num_lines + 1,)``.
 
     Line ``k`` (0-based) is ``bytes[off[k]:off[k+1]]`` including its newline. Streamed in chunks,

@@ -289,15 +289,18 @@ class PairDataset(torch.utils.data.Dataset):
             read: callable returning ``(spec, line_no, obj)``; may raise ``DataError``.
         """
         self.seen += 1
+        pair = None
         try:
             spec, line_no, obj = read()
-            return self.encoder.encode(spec, line_no, obj)
+            pair = self.encoder.encode(spec, line_no, obj)
         except DataError as exc:
             policy = getattr(exc, "policy", False)
             if self.cfg.on_bad_sample == "error" and not policy:
                 raise
             self._count(getattr(exc, "reason", "invalid_sample"), str(exc), policy)
-            return None
+        if self.bad:
+            self.check_bad_fraction(final=False)
+        return pair
 
     def _count(self, reason: str, message: str, policy: bool) -> None:
         self.last_skip = message
@@ -307,7 +310,6 @@ class PairDataset(torch.utils.data.Dataset):
             kept.append(message)
         if not policy:
             self.bad += 1
-            self.check_bad_fraction(final=False)
 
     def check_bad_fraction(self, final: bool = True) -> None:
         """Raise DataError when bad samples exceed ``max_bad_fraction`` of those seen.

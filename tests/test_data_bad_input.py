@@ -1,0 +1,181 @@
+"""Every bad-input case: a clear error naming file, line and field, or a counted skip; the bad
+fraction limit; the skip report; and the max_length policies (never inside an image span)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from mpo.config import DataConfig
+from mpo.data.mmpr import DataError
+from mpo.data.pairs import PairDataset, VisionSpec
+from mpo.data.template import IGNORE_INDEX
+
+VISION = VisionSpec(image_size=28, tokens_per_tile=2)
+GOOD = {"question": "q", "chosen": "yes", "rejected": "no"}
+
+# (raw line, reason, message fragment after "file:2: ")
+CASES = [
+    ("{not json", "invalid_json", "not valid JSON"),
+    ("[1, 2]", "invalid_json", "a line must be a JSON object, got list"),
+    (json.dumps({"chosen": "a", "rejected": "b"}), "missing_question", "missing field 'question'"),
+    (json.dumps({"question": "q", "rejected": "b"}), "missing_chosen", "missing field 'chosen'"),
+    (json.dumps({"question": "q", "chosen": "a"}), "missing_rejected", "missing field 'rejected'"),
+    (
+        json.dumps({"question": "q", "chosen": "  ", "rejected": "b"}),
+        "empty_chosen",
+        "field 'chosen' is empty",
+    ),
+    (
+        json.dumps({"question": "q", "chosen": "a", "rejected": ""}),
+        "empty_rejected",
+        "field 'rejected' is empty",
+    ),
+    (
+        json.dumps({"question": "q", "chosen": 3, "rejected": "b"}),
+        "bad_chosen",
+        "field 'chosen' must be a string, got int",
+    ),
+    (
+        json.dumps({"question": "q", "chosen": "same", "rejected": "same"}),
+        "chosen_equals_rejected",
+        "fields 'chosen' and 'rejected' are identical",
+    ),
+    (json.dumps({**GOOD, "image": "nope.png"}), "missing_image", "field 'image': image not found"),
+    (json.dumps({**GOOD, "image": "broken.png"}), "corrupt_image", "field 'image': cannot decode image"),
+    (
+        json.dumps({**GOOD, "image": ["ok.png", "nope.png"], "question": "<image><image>"}),
+        "missing_image",
+        "field 'image[1]': image not found",
+    ),
+    (
+        json.dumps({**GOOD, "image": "../outside.png"}),
+        "path_escapes_root",
+        "field 'image': path '../outside.png' escapes the dataset root",
+    ),
+    (json.dumps({**GOOD, "image": "/etc/hostname"}), "path_escapes_root", "escapes the dataset root"),
+    (
+        json.dumps({**GOOD, "image": ["ok.png", 5]}),
+        "bad_image",
+        "field 'image[1]' must be a non-empty path string",
+    ),
+    (
+        json.dumps({**GOOD, "image": ["ok.png", "ok.png"], "question": "<image>"}),
+        "placeholder_mismatch",
+        "field 'question': question has 1 '<image>' placeholder(s) but the sample has 2 image(s)",
+    ),
+    (
+        json.dumps({**GOOD, "image": "ok.png", "video": "v.mp4"}),
+        "image_and_video",
+        "fields 'image' and 'video' are both set",
+    ),
+    (json.dumps({**GOOD, "video": "nope.mp4"}), "missing_video", "field 'video': video not found"),
+    (json.dumps({**GOOD, "video": "broken.png"}), "corrupt_video", "field 'video': cannot decode video"),
+]
+
+
+def make_file(tmp_path, bad_line: str):
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    Image.new("RGB", (28, 28)).save(root / "ok.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    Image.new("RGB", (28, 28)).save(tmp_path / "outside.png")
+    path = root / "d.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + bad_line + "\n" + json.dumps({**GOOD, "chosen": "ok"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("line,reason,message", CASES, ids=[c[1] + str(i) for i, c in enumerate(CASES)])
+def test_bad_line_raises_with_file_line_and_field(tmp_path, tokenizer, line, reason, message):
+    path = make_file(tmp_path, line)
+    ds = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="error"))
+    assert ds[0] is not None and ds[2] is not None
+    with pytest.raises(DataError) as err:
+        ds[1]
+    assert str(err.value).startswith(f"{path}:2: "), str(err.value)
+    assert message in str(err.value)
+    assert getattr(err.value, "reason", None) == reason
+
+
+@pytest.mark.parametrize("line,reason,message", CASES, ids=[c[1] + str(i) for i, c in enumerate(CASES)])
+def test_bad_line_is_skipped_counted_and_reported(tmp_path, tokenizer, line, reason, message):
+    path = make_file(tmp_path, line)
+    ds = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=0.5))
+    out = [ds[i] for i in range(3)]
+    assert out[1] is None and out[0] is not None and out[2] is not None
+    assert ds.skipped == {reason: 1} and ds.bad == 1 and ds.seen == 3
+    report = json.loads(ds.write_skip_report(tmp_path / "out").read_text())
+    assert (tmp_path / "out" / "data_skips.json").is_file()
+    assert report["skipped"] == {reason: 1} and report["bad"] == 1 and report["seen"] == 3
+    assert message in report["examples"][reason][0] and f"{path}:2: " in report["examples"][reason][0]
+
+
+def _many(tmp_path, n_good: int, n_bad: int):
+    path = tmp_path / "m.jsonl"
+    rows = [json.dumps({**GOOD, "chosen": f"c{i}"}) for i in range(n_good)] + ["{bad"] * n_bad
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_max_bad_fraction_enforced_with_counts(tmp_path, tokenizer):
+    path = _many(tmp_path, 7, 3)  # 3 of 10 bad, at the end
+    ok = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=0.3))
+    assert sum(ok[i] is None for i in range(10)) == 3
+    ok.check_bad_fraction(final=True)  # 3 <= 0.3 * 10
+    strict = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=0.2))
+    for i in range(9):
+        strict[i]  # 2 bad of 9 seen: not judged before min(len, 100) = 10 samples
+    with pytest.raises(
+        DataError,
+        match=r"3 of 10 samples are bad \(30\.00%\), over data\.max_bad_fraction=0\.2; skips by reason: \{'invalid_json': 3\}",
+    ):
+        strict[9]
+
+
+def _prompt_len(pair) -> int:
+    return int((pair["chosen_labels"] != IGNORE_INDEX).nonzero()[0]) - 3  # minus "<|im_start|>assistant\n"
+
+
+def test_truncate_response_cuts_only_the_answer_tail(tmp_path, tokenizer):
+    Image.new("RGB", (56, 28)).save(tmp_path / "w.png")
+    line = {"image": "w.png", "question": "q", "chosen": "a b c d e f g h i j k l", "rejected": "no"}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    full = PairDataset(path, tokenizer, VISION, DataConfig())[0]
+    prefix = len(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    assert prefix == 3
+    plen = _prompt_len(full)
+    limit = plen + prefix + 4
+    assert len(full["chosen_input_ids"]) > limit >= len(full["rejected_input_ids"])
+    ds = PairDataset(path, tokenizer, VISION, DataConfig(max_length=limit))
+    pair = ds[0]
+    assert len(pair["chosen_input_ids"]) == limit
+    assert pair["chosen_input_ids"].tolist() == full["chosen_input_ids"][:limit].tolist()
+    assert (pair["chosen_labels"][plen + prefix :] != IGNORE_INDEX).all()  # 4 answer tokens still trained
+    assert pair["rejected_input_ids"].tolist() == full["rejected_input_ids"].tolist()
+    assert dict(ds.truncated) == {"chosen": 1}
+    # The image span is whole: 3 tiles x 2 tokens between <img> and </img>.
+    ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert (pair["chosen_input_ids"] == ctx).sum() == 6 and pair["num_tiles"] == [3]
+    assert ds.report()["truncated_responses"] == {"chosen": 1}
+
+
+def test_skip_policy_and_prompt_too_long_are_counted_never_cut(tmp_path, tokenizer):
+    Image.new("RGB", (56, 28)).save(tmp_path / "w.png")
+    rows = [
+        {"image": "w.png", "question": "q", "chosen": "a b c d e f g h i j k l", "rejected": "no"},
+        {"question": "short", "chosen": "x", "rejected": "y"},
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plen = _prompt_len(PairDataset(path, tokenizer, VISION, DataConfig())[0])
+    skip = PairDataset(path, tokenizer, VISION, DataConfig(max_length=plen + 5, truncation="skip"))
+    assert skip[0] is None and skip[1] is not None  # a length skip is not an error, even under "error"
+    assert skip.skipped == {"too_long": 1} and skip.bad == 0
+    assert "over data.max_length" in skip.skip_examples["too_long"][0]
+    # A prompt (with its image span) longer than max_length is never cut, under either policy.
+    tight = PairDataset(path, tokenizer, VISION, DataConfig(max_length=plen - 1))
+    assert tight[0] is None and tight.skipped == {"prompt_too_long": 1} and tight.bad == 0
+    assert len(tight.truncated) == 0
