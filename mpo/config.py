@@ -173,6 +173,9 @@ def _describe(hint: Any) -> str:
 
 
 def _coerce(value: Any, hint: Any) -> Any:
+    # YAML 1.1 reads a bare `no` as false: `save_strategy: no` means the string "no".
+    if value is False and not _type_ok(False, hint) and _type_ok("no", hint):
+        return "no"
     # YAML reads 1e-6 as a string; accept numeric strings where a float is expected.
     if isinstance(value, str) and _type_ok(1.0, hint) and not _type_ok(value, hint):
         try:
@@ -298,12 +301,11 @@ def validate(cfg: ExperimentConfig) -> None:
         problems.append("data.max_bad_fraction must be in [0, 1]")
     if not 1 <= d.video_min_frames <= d.video_max_frames:
         problems.append("data.video_min_frames must be >= 1 and <= data.video_max_frames")
-    if m.freeze_vision and m.freeze_projector and m.freeze_llm and not m.lora:
-        problems.append("model.freeze_vision, freeze_projector and freeze_llm are all true: nothing to train")
-    if m.unfreeze_vision_last_n < 0:
-        problems.append("model.unfreeze_vision_last_n must be >= 0")
-    if m.unfreeze_vision_last_n and not m.freeze_vision:
-        problems.append("model.unfreeze_vision_last_n only makes sense with model.freeze_vision=true")
+    from mpo.model.freeze import freezing_problems
+    from mpo.model.lora import lora_problems
+
+    problems += freezing_problems(m)
+    problems += lora_problems(m.lora)
     if m.reference == "lora_disabled" and not m.lora:
         problems.append("model.reference=lora_disabled needs model.lora settings")
     if m.reference == "cache" and not m.ref_cache:

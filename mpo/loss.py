@@ -86,6 +86,7 @@ def mpo_loss(
     chosen_num_tokens: torch.Tensor,
     delta: float | torch.Tensor,
     w: LossWeights,
+    sft_denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The combined MPO loss (mean over pairs) and its detached metrics.
 
@@ -95,6 +96,9 @@ def mpo_loss(
             when all chosen tokens are trained; kept separate so truncation and masking agree).
         chosen_num_tokens: trained tokens per chosen response, ``(B,)``.
         delta: the BCO reward shift, already updated with this batch's rewards.
+        sft_denominator: tokens to divide the chosen NLL by; defaults to this batch's chosen
+            token count. Data-parallel callers pass (global token count / world size) so the
+            averaged gradient is that of the global token mean.
     """
     ref_chosen_logps = ref_chosen_logps.to(policy_chosen_logps.dtype)
     ref_rejected_logps = ref_rejected_logps.to(policy_rejected_logps.dtype)
@@ -103,7 +107,12 @@ def mpo_loss(
     zero = policy_chosen_logps.sum() * 0
     l_p = preference_loss(chosen_lr, rejected_lr, w.beta, w.preference_type, w.label_smoothing).mean() if w.preference_weight else zero
     l_q = bco_pair_loss(chosen_lr, rejected_lr, w.beta, delta).mean() if w.quality_weight else zero
-    l_g = sft_loss(chosen_nll_sum, chosen_num_tokens) if w.generation_weight else zero
+    if not w.generation_weight:
+        l_g = zero
+    elif sft_denominator is None:
+        l_g = sft_loss(chosen_nll_sum, chosen_num_tokens)
+    else:
+        l_g = chosen_nll_sum.sum() / sft_denominator
     loss = w.preference_weight * l_p + w.quality_weight * l_q + w.generation_weight * l_g
     chosen_rewards = (w.beta * chosen_lr).detach()
     rejected_rewards = (w.beta * rejected_lr).detach()

@@ -91,6 +91,10 @@ def build_trainer(cfg: ExperimentConfig):
     from mpo.model.freeze import apply_freezing
 
     apply_freezing(model, cfg.model)
+    if cfg.model.lora:
+        from mpo.model.lora import apply_lora
+
+        model = apply_lora(model, cfg.model.lora)
     ref_model = None
     if cfg.model.reference == "copy":
         ref_model = load_model(cfg.model.ref_path or cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
@@ -142,7 +146,13 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         metrics = trainer.evaluate()
         summary["eval"] = {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}
     if main:
+        from mpo.model.export import write_export_metadata
+
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_export_metadata(
+            final_dir, cfg, summary, tokenizer=trainer.processing_class,
+            config=trainer.accelerator.unwrap_model(trainer.model).config,
+        )
     return summary
 
 

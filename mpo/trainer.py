@@ -137,8 +137,15 @@ class MPOTrainer(Trainer):
             self.reward_shift.update(stats[0].item(), int(stats[1].item()))
         delta = self.reward_shift.value
         chosen_nll = -chosen_logps
+        chosen_tokens = out.num_tokens[:half]
+        sft_denominator = None
+        if _dist_ready():
+            # Token mean over the global batch: ranks average gradients, so divide by T_global / world.
+            total = _all_reduce_sum(chosen_tokens.sum().to(torch.float64))
+            sft_denominator = (total / dist.get_world_size()).clamp(min=1).to(chosen_nll.dtype)
         loss, metrics = mpo_loss(
-            chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_nll, out.num_tokens[:half], delta, self.loss_weights
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_nll, chosen_tokens, delta, self.loss_weights,
+            sft_denominator,
         )
         self._store_metrics(metrics, train_eval)
         if train_eval == "train":
@@ -179,12 +186,20 @@ class MPOTrainer(Trainer):
 
     # ---- state: δ in every checkpoint ----------------------------------------------------------
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        # Rotation is ours: transformers rotates before our completion marker exists, which could
+        # delete the last complete checkpoint while the new one is still unfinished.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = Path(self._get_output_dir(trial=trial))
+        ckpt = run_dir / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
-            (ckpt / MPO_STATE_NAME).write_text(json.dumps({"reward_shift": self.reward_shift.state_dict()}))
+            _write_atomic(ckpt / MPO_STATE_NAME, json.dumps({"reward_shift": self.reward_shift.state_dict()}))
             # Written last: a checkpoint without it is incomplete and never resumed from.
-            (ckpt / COMPLETE_MARKER).write_text(json.dumps({"step": self.state.global_step, "time": time.time()}))
+            _write_atomic(ckpt / COMPLETE_MARKER, json.dumps({"step": self.state.global_step, "time": time.time()}))
+            rotate_complete_checkpoints(run_dir, limit)
         if _dist_ready():
             dist.barrier()
 
@@ -217,15 +232,54 @@ class MPOTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename, so a crash or a full disk never leaves a half-written file under ``path``."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) for every ``checkpoint-N`` folder, oldest first."""
+    found = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit():
+                found.append((int(p.name[11:]), p, (p / COMPLETE_MARKER).is_file()))
+    return sorted(found)
+
+
+def rotate_complete_checkpoints(run_dir: Path, limit: int | None) -> list[Path]:
+    """Keep the newest ``limit`` complete checkpoints; drop older ones and stale incomplete ones.
+
+    Never deletes the newest complete checkpoint, and never an incomplete folder newer than it
+    (it may be a save still in progress on another process). Returns the deleted folders.
+    """
+    import shutil
+
+    if not limit:
+        return []
+    ckpts = _checkpoints(run_dir)
+    complete = [c for c in ckpts if c[2]]
+    if not complete:
+        return []
+    newest = complete[-1][0]
+    keep = {c[0] for c in complete[-max(limit, 1):]}
+    deleted = []
+    for step, path, done in ckpts:
+        if step in keep or step > newest:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(path)
+    return deleted
+
+
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """Newest ``checkpoint-N`` folder of ``output_dir`` that carries the completion marker."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit() and (p / COMPLETE_MARKER).is_file():
-            found.append((int(p.name[11:]), p))
-    return str(max(found)[1]) if found else None
+    complete = [path for _, path, done in _checkpoints(Path(output_dir)) if done]
+    return str(complete[-1]) if complete else None
 
 
