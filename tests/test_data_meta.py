@@ -193,3 +193,15 @@ def test_offsets_index_matches_python_lines(tmp_path):
     # Small chunks put line breaks on chunk edges.
     assert np.array_equal(line_offsets(path, chunk_bytes=7), f.offsets)
     assert [f.record(i)[1] for i in range(300)] == rows
+
+
+def test_data_augment_is_reported_not_silently_dropped(tmp_path, tokenizer, caplog):
+    write_jsonl(tmp_path / "x.jsonl", lines_for("X", 2))
+    meta = tmp_path / "m.json"
+    meta.write_text(
+        json.dumps({"X": {"annotation": "x.jsonl", "data_augment": True}, "Y": {"annotation": "x.jsonl"}})
+    )
+    with caplog.at_level("WARNING", logger="mpo.data.pairs"):
+        ds = PairDataset(meta, tokenizer, VISION, DataConfig())
+    assert ds.report()["data_augment_ignored"] == ["X"]
+    assert "data_augment is not applied" in caplog.text

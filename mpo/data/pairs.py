@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from mpo.data.template import (
     expand_video_placeholder,
 )
 from mpo.data.tiling import count_tiles, tile_image
+
+logger = logging.getLogger(__name__)
 
 SKIP_EXAMPLES_KEPT = 200  # messages kept per reason for the report (memory stays flat)
 
@@ -266,6 +269,13 @@ class PairDataset(torch.utils.data.Dataset):
         self.skipped: Counter[str] = Counter()
         self.skip_examples: dict[str, list[str]] = {}
         self.last_skip: str | None = None
+        # InternVL's data_augment is a random JPEG re-compression (quality 75-100) of every image;
+        # we keep pixels deterministic (reference caches and resumes depend on it) and say so.
+        self.augment_ignored = [s.name for s in self.source.specs if s.data_augment]
+        if self.augment_ignored:
+            logger.warning(
+                "data_augment is not applied (pixels stay deterministic) for: %s", self.augment_ignored
+            )
 
     def __len__(self) -> int:
         return len(self.source)
@@ -337,6 +347,7 @@ class PairDataset(torch.utils.data.Dataset):
             "skipped": dict(self.skipped),
             "truncated_responses": dict(self.truncated),
             "max_bad_fraction": self.cfg.max_bad_fraction,
+            "data_augment_ignored": self.augment_ignored,
             "examples": self.skip_examples,
         }
 
