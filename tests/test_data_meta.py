@@ -205,3 +205,18 @@ def test_data_augment_is_reported_not_silently_dropped(tmp_path, tokenizer, capl
         ds = PairDataset(meta, tokenizer, VISION, DataConfig())
     assert ds.report()["data_augment_ignored"] == ["X"]
     assert "data_augment is not applied" in caplog.text
+
+
+def test_forked_dataloader_workers_read_their_own_lines(tmp_path, tokenizer):
+    """The parent opens the file first; forked workers must not share its file offset."""
+    path = write_jsonl(tmp_path / "f.jsonl", lines_for("F", 200))
+    ds = PairDataset(path, tokenizer, VISION, DataConfig())
+    assert ds[0]["line"] == 1  # opens the file in the parent before the fork
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=2, collate_fn=lambda items: items, multiprocessing_context="fork"
+    )
+    items = [it for batch in loader for it in batch]
+    assert [it["line"] for it in items] == list(range(1, 201))
+    for it in items:
+        text = tokenizer.decode(it["chosen_input_ids"].tolist())
+        assert f"F good {it['line'] - 1}<|im_end|>" in text

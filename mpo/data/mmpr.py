@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,6 +152,7 @@ class JsonlFile:
             blank[k] = self._read_line(int(k)).strip() == b""
         self.rows = None if not blank.any() else np.flatnonzero(~blank).astype(np.int64)
         self._fh = None
+        self._pid = os.getpid()
 
     def _read_line(self, k: int) -> bytes:
         with open(self.path, "rb") as f:
@@ -168,11 +170,12 @@ class JsonlFile:
     def raw(self, i: int) -> tuple[int, bytes]:
         """(1-based line number, the line's bytes without the newline)."""
         k = i if self.rows is None else int(self.rows[i])
-        if self._fh is None:
-            self._fh = open(self.path, "rb")
+        # pread, not seek + read: DataLoader workers forked after the main process opened the
+        # file share its offset, and interleaved seeks would hand one worker another's line.
+        if self._fh is None or self._pid != os.getpid():
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
         start, end = int(self.offsets[k]), int(self.offsets[k + 1])
-        self._fh.seek(start)
-        return k + 1, self._fh.read(end - start).rstrip(b"\r\n")
+        return k + 1, os.pread(self._fh.fileno(), end - start, start).rstrip(b"\r\n")
 
     def record(self, i: int) -> tuple[int, dict[str, Any]]:
         """(1-based line number, parsed JSON object); DataError naming file and line otherwise."""
