@@ -133,6 +133,10 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         }
         (out_dir / "run_info.json").write_text(json.dumps(info, indent=1))
     result = trainer.train(resume_from_checkpoint=resume)
+    if main:
+        trainer.train_dataset.write_skip_report(out_dir)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset.write_skip_report(out_dir, name="data_skips_eval.json")
     final_dir = out_dir / "final"
     trainer.save_model(str(final_dir))
     summary: dict[str, Any] = {
@@ -141,6 +145,7 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         "bco_delta": trainer.reward_shift.value,
         "final_model": str(final_dir),
         "skipped_train_samples": dict(trainer.train_dataset.skipped),
+        "truncated_train_responses": _as_dict(trainer.train_dataset.truncated),
     }
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
@@ -154,6 +159,10 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
             config=trainer.accelerator.unwrap_model(trainer.model).config,
         )
     return summary
+
+
+def _as_dict(value: Any) -> Any:
+    return dict(value) if hasattr(value, "items") else value
 
 
 def format_summary(summary: dict[str, Any]) -> str:

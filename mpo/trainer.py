@@ -124,6 +124,11 @@ class MPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         train_eval = "train" if model.training else "eval"
+        if not inputs.get("num_pairs"):
+            # Every pair of this micro-batch was a counted, skipped bad sample. A zero that still
+            # touches each trainable parameter keeps gradient hooks (and other ranks) in step.
+            zero = sum((p.sum() * 0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
+            return (zero, {}) if return_outputs else zero
         policy = self._policy(model)
         out = batch_logps(policy, inputs, self.logprob_chunk_size)
         chosen_logps, rejected_logps = out.split()

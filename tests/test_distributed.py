@@ -1,0 +1,67 @@
+"""2-rank CPU DeepSpeed (gloo) through the `deepspeed` CLI: ZeRO-2/3 losses equal one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r and "train_runtime" not in r:
+            out[r["step"]] = (r["loss"], r["bco/delta"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def common(tiny_model_dir, demo_data):
+    return [
+        f"model.path={tiny_model_dir}", f"data.meta_path={demo_data['train']}", "data.eval_meta_path=null",
+        "training.max_steps=3", "training.learning_rate=1e-3", "training.logging_steps=1",
+        "training.save_strategy=no", "training.eval_strategy=no", "training.disable_tqdm=true",
+        "training.dataloader_num_workers=0",
+    ]
+
+
+@pytest.fixture(scope="module")
+def single_process(common, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    cmd = [sys.executable, str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+           *common, "training.per_device_train_batch_size=4", "training.use_cpu=true", f"training.output_dir={out}"]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return _losses(out)
+
+
+@pytest.mark.parametrize("stage,port", [("zero2", 29517), ("zero3", 29519)])
+def test_two_ranks_match_single_process(common, single_process, tmp_path, stage, port):
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    assert launcher, "the deepspeed CLI is not installed"
+    out = tmp_path / stage
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), str(ROOT / "train" / "train_mpo.py"),
+           "--config", str(ROOT / "configs" / "demo.yaml"), *common, "training.per_device_train_batch_size=2",
+           f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / f'{stage}.json'}", f"training.output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2
+    dist = _losses(out)
+    assert sorted(dist) == sorted(single_process) == [1, 2, 3]
+    for step, (loss, delta) in single_process.items():
+        assert dist[step][0] == pytest.approx(loss, rel=1e-4), (stage, step)
+        assert dist[step][1] == pytest.approx(delta, rel=1e-4, abs=1e-7), (stage, step)
+    # Only rank 0 writes: one line per step, one final model.
+    assert len([ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]) >= 3
+    from transformers import InternVLForConditionalGeneration
+
+    InternVLForConditionalGeneration.from_pretrained(out / "final")
