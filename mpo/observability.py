@@ -314,7 +314,7 @@ def prompt_from_item(item: dict[str, Any]) -> torch.Tensor:
 
 
 class SampleGenerationCallback(TrainerCallback):
-    """Every ``extras.sample_steps`` steps (and at the start), greedy answers to fixed held-out prompts.
+    """Greedy answers to fixed held-out prompts at the start, every ``extras.sample_steps`` steps and at the end.
 
     The prompts are the first ``sample_num_prompts`` usable pairs of the eval dataset (the train
     dataset when there is none). Answers go to ``<output_dir>/samples.jsonl`` (one JSON line per
@@ -448,6 +448,9 @@ class SampleGenerationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
             self._run(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._run(state, model)  # the final model's answers, unless this step was just sampled
 
 
 def finish_loggers() -> None:

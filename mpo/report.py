@@ -517,6 +517,7 @@ h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-botto
 .grid{display:flex;flex-wrap:wrap;gap:8px}.grid img{width:540px;max-width:100%}
 img.summary{width:100%}table{border-collapse:collapse;font-size:.85em;width:100%}
 td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;text-align:left}
+td.gen{white-space:pre-wrap;font-family:monospace}
 pre{background:#f4f4f4;padding:.6em;overflow-x:auto;font-size:.8em}
 """
 
@@ -537,6 +538,11 @@ def _findings_html(findings: list[Finding]) -> str:
     return "\n".join(out)
 
 
+def _visible(text: str) -> str:
+    """Escaped, with newlines shown (an untrained model often answers with nothing but newlines)."""
+    return html.escape(text).replace("\n", "↵\n") if text else "<i>(empty)</i>"
+
+
 def _samples_html(samples: list[dict[str, Any]]) -> str:
     if not samples:
         return "<p>No sample generations (set <code>training.sample_steps</code> to log some).</p>"
@@ -554,7 +560,7 @@ def _samples_html(samples: list[dict[str, Any]]) -> str:
             f"<b>Rejected:</b> {html.escape(str(first.get('rejected', '')))}</p>"
         )
         body = "".join(
-            f"<tr><td>{int(r.get('step', 0))}</td><td>{html.escape(str(r['generated']))}</td></tr>"
+            f'<tr><td>{int(r.get("step", 0))}</td><td class="gen">{_visible(str(r["generated"]))}</td></tr>'
             for r in sorted(rows, key=lambda r: r.get("step", 0))
         )
         out.append(f"<table><tr><th>step</th><th>greedy answer</th></tr>{body}</table>")
