@@ -17,10 +17,22 @@ TRL needs a ``ProcessorMixin`` for vision data; ``InternVLPairProcessor`` below 
 torchvision, which breaks CPU torch here (facts §7).
 
 The default model follows InternVL2.5-1B's proportions at CPU size: 448px tiles of 14px patches
-(1025 vision tokens, 256 LLM tokens per tile), the vision tower about half the LLM's parameters,
-and a vocabulary large against the hidden size (16,384 rows for hidden 64, 256 per unit of
-width; the real model has 151,674 for 896, 169 per unit). The embedding is padded beyond the small test tokenizer, as Qwen's own is beyond
+(1025 vision tokens, 256 LLM tokens per tile), the vision tower about half the LLM's parameters
+(0.52x; real 0.62x), a vocabulary large against the hidden size (12,288 rows for hidden 96, 128 per unit
+of width; real: 151,674 for 896, 169), and, what decides the speedup, the same split of forward
+FLOPs per pair between the vision tower and the LLM (1.35 : 1 here for 4-7 tiles; 1.40 : 1 for
+the real shapes, ``forward_flops_per_pair``). The embedding is padded beyond the small test tokenizer, as Qwen's own is beyond
 its tokenizer: the LM head costs the same, the extra rows are just never targets.
+
+Where the difference comes from: TRL 1.16 already scores only response positions through the LM
+head (its ``fused_lm_head``), so both sides do the same LLM work for the policy. TRL repeats every
+image for the rejected row, so its policy runs the vision tower on twice the tiles (forward and
+backward) and its reference again on twice the tiles; ours runs it once per pair, and with the
+reference cache runs no reference forward and holds no reference model at all. So the gain
+scales with the vision tower's share of the compute: with V and L the forward cost of the
+vision tower and of the LLM (both rows) per pair, TRL costs about 8V + 4L, ours 4V + 4L without
+and 3V + 3L with the cache. Under load from other processes wall-clock figures are noisy; each
+run also reports pairs per CPU-second and the 1-minute load average.
 
 Prints one JSON line: ours_pairs_per_s, trl_pairs_per_s, speedup, ours_peak_rss_mb,
 trl_peak_rss_mb, memory_ratio, config (and, with ``--ref-cache both``, the same figures for ours
@@ -43,14 +55,14 @@ from typing import Any
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "cpu_small": {
         "vision": dict(
-            hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=512,
+            hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=640,
             image_size=448, patch_size=14, layer_scale_init_value=0.1, use_mean_pooling=True,
         ),
         "text": dict(
-            hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=352, max_position_embeddings=8192, rope_theta=1000000.0, tie_word_embeddings=True,
+            hidden_size=96, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
+            intermediate_size=384, max_position_embeddings=8192, rope_theta=1000000.0, tie_word_embeddings=True,
         ),
-        "vocab_size": 16384,
+        "vocab_size": 12288,
     },
     "internvl2_5_1b": {
         "vision": dict(
@@ -300,31 +312,48 @@ def child(a) -> None:
 # ---- parent ---------------------------------------------------------------------------------
 
 
-def train_flops_per_pair(work: Path, with_ref_forward: bool) -> float:
-    """Model FLOPs of one pair's training step (6 N T for fwd+bwd, +2 N T for a reference forward).
+def forward_flops_per_pair(work: Path) -> tuple[float, float]:
+    """Forward FLOPs per pair (mean over the data) of the vision tower (one pass) and the LLM (both rows).
 
-    Counts one vision pass per pair (what the math needs, whichever way a trainer runs it) and
-    the LM head on response tokens only; attention-score FLOPs are left out, so MFU is a lower bound.
+    Matmuls count 2 FLOPs per multiply-add; attention scores and values 4·n²·d per layer; the LM head
+    only on response tokens (both trainers do that). Sequence lengths come from
+    ``mpo.sampler.pair_lengths`` (the longer row, used for both rows).
     """
     from transformers import AutoConfig
 
+    from mpo.config import DataConfig
+    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.model.loading import load_tokenizer
+    from mpo.sampler import _record_tiles, pair_lengths
+
     cfg = AutoConfig.from_pretrained(work / "model")
-    lines = [json.loads(x) for x in (work / "data" / "pairs.jsonl").read_text().splitlines()]
     v, t = cfg.vision_config, cfg.text_config
-    vit_params = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    vis = VisionSpec.from_model_config(cfg)
+    ds = PairDataset(work / "data" / "meta.json", load_tokenizer(str(work / "model")), vis, DataConfig(max_dynamic_patch=MAX_DYNAMIC_PATCH))
+    lengths = pair_lengths(ds)
+    n_vit = (vis.image_size // (v.patch_size[0] if isinstance(v.patch_size, (list, tuple)) else v.patch_size)) ** 2 + 1
+    vit_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     head = t.hidden_size // t.num_attention_heads
     llm_layer = t.hidden_size * (2 * t.hidden_size + 2 * t.num_key_value_heads * head) + 3 * t.hidden_size * t.intermediate_size
-    llm_params = t.num_hidden_layers * llm_layer
-    tiles = [4, 5, 7, 6]
-    per_pair = []
-    for i, obj in enumerate(lines):
-        n = tiles[i % 4]
-        text = 60 + len(obj["chosen"].split()) + len(obj["rejected"].split())  # rough tokens
-        llm_tokens = 2 * n * 256 + text
-        resp = len(obj["chosen"].split()) + len(obj["rejected"].split())
-        per_pair.append(vit_params * n * 1025 + llm_params * llm_tokens + t.hidden_size * t.vocab_size * resp)
-    base = statistics.mean(per_pair)
-    return base * (6 + (2 if with_ref_forward else 0))
+    vision, text = [], []
+    for i, seq in enumerate(lengths.tolist()):
+        spec, _, obj = ds.source.get(i)
+        tiles = _record_tiles(ds, spec, obj)
+        vision.append(tiles * v.num_hidden_layers * (2 * vit_layer * n_vit + 4 * n_vit**2 * v.hidden_size))
+        resp = len(ds.encoder.template._encode(obj["chosen"])) + len(ds.encoder.template._encode(obj["rejected"]))
+        per_row = t.num_hidden_layers * (2 * llm_layer * seq + 4 * seq**2 * t.hidden_size)
+        text.append(2 * per_row + 2 * t.hidden_size * t.vocab_size * resp)
+    return statistics.mean(vision), statistics.mean(text)
+
+
+def train_flops_per_pair(work: Path, with_ref_forward: bool) -> float:
+    """Model FLOPs of one pair's training step: 3x forward (fwd + bwd), +1x for a reference forward.
+
+    Counts one vision pass per pair, what the math needs whichever way a trainer runs it, so MFU
+    compares the trainers on the same useful work.
+    """
+    vision, text = forward_flops_per_pair(work)
+    return (vision + text) * (4 if with_ref_forward else 3)
 
 
 def parse(argv=None):
@@ -416,6 +445,7 @@ def main(argv=None) -> int:
             })
         return out
 
+    split = forward_flops_per_pair(work)
     main_kind = variants[0]
     result = figures(main_kind)
     if a.ref_cache == "both":
@@ -426,6 +456,7 @@ def main(argv=None) -> int:
         "tiles_per_image": [4, 5, 7, 6], "image_size": 448, "torch_threads": _threads(), "cpu_count": os.cpu_count(),
         "load_avg_1m_during_runs": sorted(round(x.get("load_avg_1m", float("nan")), 1) for v in runs.values() for x in v),
         "precompute_ref_s": None if precompute_s is None else round(precompute_s, 2), "params": _params(work),
+        "vision_to_llm_forward_flops": round(split[0] / split[1], 2),
     }
     print(json.dumps(result))
     return 0
