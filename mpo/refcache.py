@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpo.data.mmpr import DataError
+
 CACHE_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 _SAMPLE_BYTES = 1 << 20  # bytes hashed at each of three places in a weight file
@@ -256,9 +258,25 @@ def open_ref_cache(
     cache = RefCache(folder)
     cache.check(model_identity(ref_path, torch_dtype), data_settings(pair_dataset))
     n = len(pair_dataset)
-    for i in np.linspace(0, n - 1, num=min(n, _START_CHECK), dtype=np.int64).tolist() if n else []:
-        spec, line_no, _ = pair_dataset.source.get(i)
-        cache.lookup(pair_key(pair_dataset, i), f"{spec.annotation}:{line_no}")
+    sample = np.linspace(0, n - 1, num=min(n, _START_CHECK), dtype=np.int64).tolist() if n else []
+    missing = []
+    for i in sample:
+        try:
+            spec, line_no, _ = pair_dataset.source.get(i)
+            key = pair_key(pair_dataset, i)
+        except (DataError, RefCacheError):
+            if pair_dataset.cfg.on_bad_sample == "error":
+                raise
+            continue  # a bad record: the dataset skips it, so the cache never had it
+        if key not in cache.values:
+            missing.append(f"{spec.annotation}:{line_no}")
+    # With on_bad_sample=skip a record may be unreadable only when encoded; a few misses are
+    # left to the per-item check, a cache that has none of the sampled pairs is refused now.
+    if missing and (pair_dataset.cfg.on_bad_sample == "error" or len(missing) == len(sample)):
+        raise RefCacheError(
+            f"{len(missing)} of {len(sample)} sampled pairs are not in the reference cache {cache.folder}, "
+            f"e.g. {missing[0]} (the data changed since `mpo precompute-ref`; rerun it)"
+        )
     return RefCachedDataset(pair_dataset, cache)
 
 

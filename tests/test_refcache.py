@@ -234,3 +234,39 @@ def test_refuses_unfinished_cache(tmp_path):
     (tmp_path / "shard-00000-of-00001.safetensors").write_bytes(b"")
     with pytest.raises(RefCacheError, match="did not finish"):
         RefCache(tmp_path)
+
+
+@pytest.mark.slow
+def test_precompute_two_processes_gloo(cache_dir, tiny_model_dir, small_data, tmp_path):
+    """`torchrun --nproc_per_node 2 -m mpo.cli precompute-ref`: two shards, same values as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        f"model:\n  path: {tiny_model_dir}\n  ref_cache: {tmp_path / 'dist'}\n"
+        f"data:\n  meta_path: {small_data['train']}\n  eval_meta_path: {small_data['eval']}\n"
+    )
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mpo.cli",
+        "precompute-ref",
+        "--config",
+        str(cfg_file),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dist = RefCache(tmp_path / "dist")
+    assert dist.manifest["shards"] == ["shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    single = RefCache(cache_dir)
+    assert set(dist.values) == set(single.values)
+    for k, v in single.values.items():
+        assert dist.values[k] == pytest.approx(v, abs=ATOL)
