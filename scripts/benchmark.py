@@ -24,14 +24,17 @@ FLOPs per pair between the vision tower and the LLM (1.35 : 1 here for 4-7 tiles
 the real shapes, ``forward_flops_per_pair``). The embedding is padded beyond the small test tokenizer, as Qwen's own is beyond
 its tokenizer: the LM head costs the same, the extra rows are just never targets.
 
-Where the difference comes from: TRL 1.16 already scores only response positions through the LM
-head (its ``fused_lm_head``), so both sides do the same LLM work for the policy. TRL repeats every
+Where the difference comes from: TRL 1.16's ``fused_lm_head`` scores only response positions on
+Triton (CUDA) devices, but on CPU it runs every position, image tokens included, through the LM
+head (in chunks; ``trl/trainer/utils.py``, "Elsewhere ... every position is scored"), for policy
+and reference; ours scores response positions only on every device. TRL also repeats every
 image for the rejected row, so its policy runs the vision tower on twice the tiles (forward and
 backward) and its reference again on twice the tiles; ours runs it once per pair, and with the
 reference cache runs no reference forward and holds no reference model at all. So the gain
 scales with the vision tower's share of the compute: with V and L the forward cost of the
 vision tower and of the LLM (both rows) per pair, TRL costs about 8V + 4L, ours 4V + 4L without
-and 3V + 3L with the cache. Under load from other processes wall-clock figures are noisy; each
+and 3V + 3L with the cache (with V = 1.35 L: 2.1x and 1.6x, the figures to expect on CUDA,
+where TRL's LM head is response-only too). Under load from other processes wall-clock figures are noisy; each
 run also reports pairs per CPU-second and the 1-minute load average.
 
 Prints one JSON line: ours_pairs_per_s, trl_pairs_per_s, speedup, ours_peak_rss_mb,
@@ -196,6 +199,12 @@ def run_ours(a, work: Path, ref_cache: bool) -> Any:
 
     cfg = experiment_config(a, work / "model", work / "data" / "meta.json", work / "refcache")
     args = TrainingArguments(**training_args(a, str(work / "out-ours")))
+    if a.shared_prompt:
+        # Until the trainer has a config key for it: the shared-prompt forward in place of the plain one.
+        import mpo.trainer
+        from mpo.shared_prompt import shared_prompt_batch_logps
+
+        mpo.trainer.batch_logps = shared_prompt_batch_logps
     tok = load_tokenizer(cfg.model.path)
     model = load_model(cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
     ref = None if ref_cache else load_model(cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
@@ -367,6 +376,7 @@ def parse(argv=None):
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     p.add_argument("--max-length", type=int, default=4096)
     p.add_argument("--gradient-checkpointing", action="store_true", help="on for both trainers (TRL's default is on)")
+    p.add_argument("--shared-prompt", action="store_true", help="ours: prompt computed once per pair (mpo.shared_prompt)")
     p.add_argument("--work-dir", default=None, help="model, data and cache go here (default: a temp folder)")
     p.add_argument("--child", choices=["ours-cache", "ours-ref", "trl"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -376,8 +386,9 @@ def run_child(a, kind: str) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--child", kind, "--work-dir", a.work_dir]
     for k in ("model_config", "device", "batch_size", "steps", "warmup", "max_length"):
         argv += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    if a.gradient_checkpointing:
-        argv.append("--gradient-checkpointing")
+    for flag in ("gradient_checkpointing", "shared_prompt"):
+        if getattr(a, flag):
+            argv.append(f"--{flag.replace('_', '-')}")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     found = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
@@ -452,7 +463,7 @@ def main(argv=None) -> int:
         result["without_ref_cache"] = figures("ours-ref")
     result["config"] = {
         "model_config": a.model_config, "device": a.device, "ref_cache": a.ref_cache, "batch_size": a.batch_size,
-        "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "gradient_checkpointing": a.gradient_checkpointing,
+        "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "gradient_checkpointing": a.gradient_checkpointing, "shared_prompt": a.shared_prompt,
         "tiles_per_image": [4, 5, 7, 6], "image_size": 448, "torch_threads": _threads(), "cpu_count": os.cpu_count(),
         "load_avg_1m_during_runs": sorted(round(x.get("load_avg_1m", float("nan")), 1) for v in runs.values() for x in v),
         "precompute_ref_s": None if precompute_s is None else round(precompute_s, 2), "params": _params(work),
