@@ -58,23 +58,47 @@ from typing import Any
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "cpu_small": {
         "vision": dict(
-            hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=640,
-            image_size=448, patch_size=14, layer_scale_init_value=0.1, use_mean_pooling=True,
+            hidden_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=640,
+            image_size=448,
+            patch_size=14,
+            layer_scale_init_value=0.1,
+            use_mean_pooling=True,
         ),
         "text": dict(
-            hidden_size=96, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
-            intermediate_size=384, max_position_embeddings=8192, rope_theta=1000000.0, tie_word_embeddings=True,
+            hidden_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            intermediate_size=384,
+            max_position_embeddings=8192,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
         ),
         "vocab_size": 12288,
     },
     "internvl2_5_1b": {
         "vision": dict(
-            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-            image_size=448, patch_size=14, layer_scale_init_value=0.1, use_mean_pooling=True,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=448,
+            patch_size=14,
+            layer_scale_init_value=0.1,
+            use_mean_pooling=True,
         ),
         "text": dict(
-            hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-            intermediate_size=4864, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
         ),
         "vocab_size": 151674,
     },
@@ -128,13 +152,31 @@ def write_data(out: Path, n_pairs: int, seed: int = 0) -> Path:
         d = ImageDraw.Draw(img)
         for _ in range(6):
             x, y = rng.randint(0, size[0] - 60), rng.randint(0, size[1] - 60)
-            d.rectangle((x, y, x + rng.randint(20, 300), y + rng.randint(20, 300)), fill=(rng.randint(0, 255), 80, 160))
+            d.rectangle(
+                (x, y, x + rng.randint(20, 300), y + rng.randint(20, 300)),
+                fill=(rng.randint(0, 255), 80, 160),
+            )
         img.save(out / "images" / f"{i}.png")
         answer = lambda n: " ".join(rng.choice(WORDS) for _ in range(n)) + "."  # noqa: E731
-        lines.append(json.dumps({"image": f"images/{i}.png", "question": "<image>\nWhat does the chart show?",
-                                 "chosen": answer(rng.randint(30, 60)), "rejected": answer(rng.randint(30, 60))}))
+        lines.append(
+            json.dumps(
+                {
+                    "image": f"images/{i}.png",
+                    "question": "<image>\nWhat does the chart show?",
+                    "chosen": answer(rng.randint(30, 60)),
+                    "rejected": answer(rng.randint(30, 60)),
+                }
+            )
+        )
     (out / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    meta = {"bench": {"root": ".", "annotation": "pairs.jsonl", "repeat_time": 1, "max_dynamic_patch": MAX_DYNAMIC_PATCH}}
+    meta = {
+        "bench": {
+            "root": ".",
+            "annotation": "pairs.jsonl",
+            "repeat_time": 1,
+            "max_dynamic_patch": MAX_DYNAMIC_PATCH,
+        }
+    }
     (out / "meta.json").write_text(json.dumps(meta))
     return out / "meta.json"
 
@@ -142,12 +184,18 @@ def write_data(out: Path, n_pairs: int, seed: int = 0) -> Path:
 def experiment_config(a, model_dir: Path, meta: Path, cache_dir: Path):
     from mpo.config import load_config
 
-    return load_config(None, [
-        f"model.path={model_dir}", f"data.meta_path={meta}", f"model.ref_cache={cache_dir}",
-        f"data.max_dynamic_patch={MAX_DYNAMIC_PATCH}", f"data.max_length={a.max_length}",
-        f"model.torch_dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
-        f"training.per_device_eval_batch_size={a.batch_size}",
-    ])
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.meta_path={meta}",
+            f"model.ref_cache={cache_dir}",
+            f"data.max_dynamic_patch={MAX_DYNAMIC_PATCH}",
+            f"data.max_length={a.max_length}",
+            f"model.torch_dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
+            f"training.per_device_eval_batch_size={a.batch_size}",
+        ],
+    )
 
 
 # ---- the two trainers (child processes) -----------------------------------------------------
@@ -174,17 +222,33 @@ class StepTimer:
                 if state.global_step == self.warmup:
                     self.t0, self.c0 = time.perf_counter(), time.process_time()
                 elif state.global_step > self.warmup:
-                    self.t1, self.c1, self.steps = time.perf_counter(), time.process_time(), state.global_step - self.warmup
+                    self.t1, self.c1, self.steps = (
+                        time.perf_counter(),
+                        time.process_time(),
+                        state.global_step - self.warmup,
+                    )
 
         return _Timer()
 
 
 def training_args(a, out: str) -> dict[str, Any]:
     return dict(
-        output_dir=out, per_device_train_batch_size=a.batch_size, max_steps=a.warmup + a.steps, learning_rate=1e-6,
-        lr_scheduler_type="constant", weight_decay=0.05, logging_steps=10_000, save_strategy="no", report_to="none",
-        remove_unused_columns=False, disable_tqdm=True, bf16=a.device == "cuda", use_cpu=a.device == "cpu",
-        gradient_checkpointing=a.gradient_checkpointing, dataloader_num_workers=0, seed=0,
+        output_dir=out,
+        per_device_train_batch_size=a.batch_size,
+        max_steps=a.warmup + a.steps,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        weight_decay=0.05,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        bf16=a.device == "cuda",
+        use_cpu=a.device == "cpu",
+        gradient_checkpointing=a.gradient_checkpointing,
+        dataloader_num_workers=0,
+        seed=0,
     )
 
 
@@ -207,16 +271,26 @@ def run_ours(a, work: Path, ref_cache: bool) -> Any:
         mpo.trainer.batch_logps = shared_prompt_batch_logps
     tok = load_tokenizer(cfg.model.path)
     model = load_model(cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
-    ref = None if ref_cache else load_model(cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
+    ref = (
+        None
+        if ref_cache
+        else load_model(cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
+    )
     ds = PairDataset(cfg.data.meta_path, tok, VisionSpec.from_model_config(model.config), cfg.data)
     if ref_cache:
         from mpo.refcache import open_ref_cache
 
         ds = open_ref_cache(cfg.model.ref_cache, ds, cfg.model.path, cfg.model.torch_dtype)
     return MPOTrainer(
-        model=model, args=args, ref_model=ref, train_dataset=ds, data_collator=PairCollator(tok.pad_token_id),
-        processing_class=tok, loss_weights=LossWeights.from_config(cfg.loss),
-        reference="cache" if ref_cache else "copy", logprob_chunk_size=cfg.model.logprob_chunk_size,
+        model=model,
+        args=args,
+        ref_model=ref,
+        train_dataset=ds,
+        data_collator=PairCollator(tok.pad_token_id),
+        processing_class=tok,
+        loss_weights=LossWeights.from_config(cfg.loss),
+        reference="cache" if ref_cache else "copy",
+        logprob_chunk_size=cfg.model.logprob_chunk_size,
     )
 
 
@@ -231,17 +305,39 @@ def _processor_class():
         """Minimal InternVL processor for TRL: tiles images, expands ``<image>``, tokenizes."""
 
         def __init__(self, tokenizer, image_size: int, tokens_per_tile: int, max_tiles: int):  # noqa: D107
-            self.tokenizer, self.image_size, self.tokens_per_tile, self.max_tiles = tokenizer, image_size, tokens_per_tile, max_tiles
+            self.tokenizer, self.image_size, self.tokens_per_tile, self.max_tiles = (
+                tokenizer,
+                image_size,
+                tokens_per_tile,
+                max_tiles,
+            )
             self.chat_template = None
 
-        def __call__(self, images=None, text=None, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False, **kw):
+        def __call__(
+            self,
+            images=None,
+            text=None,
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+            add_special_tokens=False,
+            **kw,
+        ):
             texts, pixels = list(text), []
             if images is not None:
                 for k, imgs in enumerate(images):
                     tiles = [tile_image(im, self.max_tiles, self.image_size, 1, True) for im in imgs]
                     pixels += tiles
-                    texts[k] = expand_image_placeholders(texts[k], [t.shape[0] * self.tokens_per_tile for t in tiles])
-            enc = self.tokenizer(texts, padding=padding, padding_side=padding_side, return_tensors=return_tensors, add_special_tokens=add_special_tokens)
+                    texts[k] = expand_image_placeholders(
+                        texts[k], [t.shape[0] * self.tokens_per_tile for t in tiles]
+                    )
+            enc = self.tokenizer(
+                texts,
+                padding=padding,
+                padding_side=padding_side,
+                return_tensors=return_tensors,
+                add_special_tokens=add_special_tokens,
+            )
             data = dict(enc)
             if pixels:
                 data["pixel_values"] = torch.cat(pixels)
@@ -263,13 +359,22 @@ def trl_dataset(meta: Path, system_message: str | None):
         obj = json.loads(line)
         with PILImage.open(root / obj["image"]) as im:
             img = im.convert("RGB")
-        rows.append({
-            "images": [img],
-            "prompt": system_turn(system_message) + user_turn(obj["question"]) + ASSISTANT_PREFIX,
-            "chosen": obj["chosen"] + "<|im_end|>",
-            "rejected": obj["rejected"] + "<|im_end|>",
-        })
-    features = Features({"images": Sequence(Image()), "prompt": Value("string"), "chosen": Value("string"), "rejected": Value("string")})
+        rows.append(
+            {
+                "images": [img],
+                "prompt": system_turn(system_message) + user_turn(obj["question"]) + ASSISTANT_PREFIX,
+                "chosen": obj["chosen"] + "<|im_end|>",
+                "rejected": obj["rejected"] + "<|im_end|>",
+            }
+        )
+    features = Features(
+        {
+            "images": Sequence(Image()),
+            "prompt": Value("string"),
+            "chosen": Value("string"),
+            "rejected": Value("string"),
+        }
+    )
     return Dataset.from_list(rows, features=features)
 
 
@@ -286,10 +391,19 @@ def run_trl(a, work: Path) -> Any:
     vision = VisionSpec.from_model_config(model.config)
     proc = _processor_class()(tok, vision.image_size, vision.tokens_per_tile, MAX_DYNAMIC_PATCH)
     cfg = DPOConfig(
-        **training_args(a, str(work / "out-trl")), loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
-        beta=0.1, max_length=None,
+        **training_args(a, str(work / "out-trl")),
+        loss_type=["sigmoid", "bco_pair", "sft"],
+        loss_weights=[0.8, 0.2, 1.0],
+        beta=0.1,
+        max_length=None,
     )
-    return DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=trl_dataset(work / "data" / "meta.json", None), processing_class=proc)
+    return DPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=cfg,
+        train_dataset=trl_dataset(work / "data" / "meta.json", None),
+        processing_class=proc,
+    )
 
 
 def child(a) -> None:
@@ -338,18 +452,30 @@ def forward_flops_per_pair(work: Path) -> tuple[float, float]:
     cfg = AutoConfig.from_pretrained(work / "model")
     v, t = cfg.vision_config, cfg.text_config
     vis = VisionSpec.from_model_config(cfg)
-    ds = PairDataset(work / "data" / "meta.json", load_tokenizer(str(work / "model")), vis, DataConfig(max_dynamic_patch=MAX_DYNAMIC_PATCH))
+    ds = PairDataset(
+        work / "data" / "meta.json",
+        load_tokenizer(str(work / "model")),
+        vis,
+        DataConfig(max_dynamic_patch=MAX_DYNAMIC_PATCH),
+    )
     lengths = pair_lengths(ds)
-    n_vit = (vis.image_size // (v.patch_size[0] if isinstance(v.patch_size, (list, tuple)) else v.patch_size)) ** 2 + 1
+    n_vit = (
+        vis.image_size // (v.patch_size[0] if isinstance(v.patch_size, (list, tuple)) else v.patch_size)
+    ) ** 2 + 1
     vit_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     head = t.hidden_size // t.num_attention_heads
-    llm_layer = t.hidden_size * (2 * t.hidden_size + 2 * t.num_key_value_heads * head) + 3 * t.hidden_size * t.intermediate_size
+    llm_layer = (
+        t.hidden_size * (2 * t.hidden_size + 2 * t.num_key_value_heads * head)
+        + 3 * t.hidden_size * t.intermediate_size
+    )
     vision, text = [], []
     for i, seq in enumerate(lengths.tolist()):
         spec, _, obj = ds.source.get(i)
         tiles = _record_tiles(ds, spec, obj)
         vision.append(tiles * v.num_hidden_layers * (2 * vit_layer * n_vit + 4 * n_vit**2 * v.hidden_size))
-        resp = len(ds.encoder.template._encode(obj["chosen"])) + len(ds.encoder.template._encode(obj["rejected"]))
+        resp = len(ds.encoder.template._encode(obj["chosen"])) + len(
+            ds.encoder.template._encode(obj["rejected"])
+        )
         per_row = t.num_hidden_layers * (2 * llm_layer * seq + 4 * seq**2 * t.hidden_size)
         text.append(2 * per_row + 2 * t.hidden_size * t.vocab_size * resp)
     return statistics.mean(vision), statistics.mean(text)
@@ -375,8 +501,12 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="steps run before timing starts")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     p.add_argument("--max-length", type=int, default=4096)
-    p.add_argument("--gradient-checkpointing", action="store_true", help="on for both trainers (TRL's default is on)")
-    p.add_argument("--shared-prompt", action="store_true", help="ours: prompt computed once per pair (mpo.shared_prompt)")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="on for both trainers (TRL's default is on)"
+    )
+    p.add_argument(
+        "--shared-prompt", action="store_true", help="ours: prompt computed once per pair (mpo.shared_prompt)"
+    )
     p.add_argument("--work-dir", default=None, help="model, data and cache go here (default: a temp folder)")
     p.add_argument("--child", choices=["ours-cache", "ours-ref", "trl"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -424,7 +554,9 @@ def main(argv=None) -> int:
         from mpo.refcache import precompute_ref
 
         t = time.perf_counter()
-        precompute_ref(experiment_config(a, work / "model", work / "data" / "meta.json", work / "refcache"), a.batch_size)
+        precompute_ref(
+            experiment_config(a, work / "model", work / "data" / "meta.json", work / "refcache"), a.batch_size
+        )
         precompute_s = time.perf_counter() - t
     print(f"setup {time.perf_counter() - t0:.1f}s in {work}", file=sys.stderr)
     runs: dict[str, list[dict]] = {k: [] for k in [*variants, "trl"]}
@@ -439,21 +571,36 @@ def main(argv=None) -> int:
         ours_mb = max(x["peak_rss_mb"] for x in runs[kind])
         trl_mb = max(x["peak_rss_mb"] for x in runs["trl"])
         out = {
-            "ours_pairs_per_s": round(ours_ps, 4), "trl_pairs_per_s": round(trl_ps, 4), "speedup": round(ours_ps / trl_ps, 3),
-            "ours_peak_rss_mb": round(ours_mb, 1), "trl_peak_rss_mb": round(trl_mb, 1), "memory_ratio": round(ours_mb / trl_mb, 3),
+            "ours_pairs_per_s": round(ours_ps, 4),
+            "trl_pairs_per_s": round(trl_ps, 4),
+            "speedup": round(ours_ps / trl_ps, 3),
+            "ours_peak_rss_mb": round(ours_mb, 1),
+            "trl_peak_rss_mb": round(trl_mb, 1),
+            "memory_ratio": round(ours_mb / trl_mb, 3),
         }
         if all("pairs_per_cpu_s" in x for x in runs[kind] + runs["trl"]):
             ours_c = statistics.median(x["pairs_per_cpu_s"] for x in runs[kind])
             trl_c = statistics.median(x["pairs_per_cpu_s"] for x in runs["trl"])
-            out.update({"ours_pairs_per_cpu_s": round(ours_c, 4), "trl_pairs_per_cpu_s": round(trl_c, 4), "speedup_cpu_time": round(ours_c / trl_c, 3)})
+            out.update(
+                {
+                    "ours_pairs_per_cpu_s": round(ours_c, 4),
+                    "trl_pairs_per_cpu_s": round(trl_c, 4),
+                    "speedup_cpu_time": round(ours_c / trl_c, 3),
+                }
+            )
         if a.device == "cuda":
             ours_gpu = max(x["peak_gpu_mb"] for x in runs[kind])
             trl_gpu = max(x["peak_gpu_mb"] for x in runs["trl"])
             flops = train_flops_per_pair(work, kind == "ours-ref")
-            out.update({
-                "ours_peak_gpu_mb": round(ours_gpu, 1), "trl_peak_gpu_mb": round(trl_gpu, 1), "gpu_memory_ratio": round(ours_gpu / trl_gpu, 3),
-                "ours_mfu": round(flops * ours_ps / H100_BF16_PEAK_FLOPS, 4), "trl_mfu": round(flops * trl_ps / H100_BF16_PEAK_FLOPS, 4),
-            })
+            out.update(
+                {
+                    "ours_peak_gpu_mb": round(ours_gpu, 1),
+                    "trl_peak_gpu_mb": round(trl_gpu, 1),
+                    "gpu_memory_ratio": round(ours_gpu / trl_gpu, 3),
+                    "ours_mfu": round(flops * ours_ps / H100_BF16_PEAK_FLOPS, 4),
+                    "trl_mfu": round(flops * trl_ps / H100_BF16_PEAK_FLOPS, 4),
+                }
+            )
         return out
 
     split = forward_flops_per_pair(work)
@@ -462,11 +609,24 @@ def main(argv=None) -> int:
     if a.ref_cache == "both":
         result["without_ref_cache"] = figures("ours-ref")
     result["config"] = {
-        "model_config": a.model_config, "device": a.device, "ref_cache": a.ref_cache, "batch_size": a.batch_size,
-        "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "gradient_checkpointing": a.gradient_checkpointing, "shared_prompt": a.shared_prompt,
-        "tiles_per_image": [4, 5, 7, 6], "image_size": 448, "torch_threads": _threads(), "cpu_count": os.cpu_count(),
-        "load_avg_1m_during_runs": sorted(round(x.get("load_avg_1m", float("nan")), 1) for v in runs.values() for x in v),
-        "precompute_ref_s": None if precompute_s is None else round(precompute_s, 2), "params": _params(work),
+        "model_config": a.model_config,
+        "device": a.device,
+        "ref_cache": a.ref_cache,
+        "batch_size": a.batch_size,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "rounds": a.rounds,
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "shared_prompt": a.shared_prompt,
+        "tiles_per_image": [4, 5, 7, 6],
+        "image_size": 448,
+        "torch_threads": _threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m_during_runs": sorted(
+            round(x.get("load_avg_1m", float("nan")), 1) for v in runs.values() for x in v
+        ),
+        "precompute_ref_s": None if precompute_s is None else round(precompute_s, 2),
+        "params": _params(work),
         "vision_to_llm_forward_flops": round(split[0] / split[1], 2),
     }
     print(json.dumps(result))
@@ -486,7 +646,11 @@ def _params(work: Path) -> dict[str, int]:
     with torch.device("meta"):
         model = InternVLForConditionalGeneration(AutoConfig.from_pretrained(work / "model"))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"vision": count(model.model.vision_tower), "projector": count(model.model.multi_modal_projector), "llm": count(model.model.language_model)}
+    return {
+        "vision": count(model.model.vision_tower),
+        "projector": count(model.model.multi_modal_projector),
+        "llm": count(model.model.language_model),
+    }
 
 
 if __name__ == "__main__":
