@@ -102,7 +102,7 @@ def _load_plugins() -> None:
     """Sub-commands that live beside their concern (data, convert, report, ...), if present."""
     import importlib
 
-    for module in ("mpo.data.cli", "mpo.model.cli", "mpo.report", "mpo.refcache"):
+    for module in ("mpo.data.cli", "mpo.model.cli", "mpo.report", "mpo.refcache", "mpo.consolidate"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

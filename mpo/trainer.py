@@ -200,8 +200,11 @@ class MPOTrainer(Trainer):
             self.args.save_total_limit = limit
         run_dir = Path(self._get_output_dir(trial=trial))
         ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+        if _dist_ready():
+            dist.barrier()  # every rank's ZeRO shards are on disk before the checkpoint is marked complete
         if self.args.should_save:
-            _write_atomic(ckpt / MPO_STATE_NAME, json.dumps({"reward_shift": self.reward_shift.state_dict()}))
+            state = {"reward_shift": self.reward_shift.state_dict(), "world_size": self.args.world_size}
+            _write_atomic(ckpt / MPO_STATE_NAME, json.dumps(state))
             # Written last: a checkpoint without it is incomplete and never resumed from.
             _write_atomic(ckpt / COMPLETE_MARKER, json.dumps({"step": self.state.global_step, "time": time.time()}))
             rotate_complete_checkpoints(run_dir, limit)
@@ -229,7 +232,17 @@ class MPOTrainer(Trainer):
         path = Path(checkpoint) / MPO_STATE_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{checkpoint}: no {MPO_STATE_NAME}; not a checkpoint written by internvl-mpo")
-        self.reward_shift.load_state_dict(json.loads(path.read_text())["reward_shift"])
+        state = json.loads(path.read_text())
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.args.world_size:
+            # The data position (batches to skip per rank) and ZeRO's optimizer partitions both
+            # depend on the world size, so an exact resume needs the same one.
+            raise ValueError(
+                f"{checkpoint} was written by {saved_world} process(es) but this run has {self.args.world_size}: "
+                "exact resume needs the same world size. Relaunch with the original number of processes, or "
+                "consolidate the weights (`mpo consolidate CKPT OUT`) and start a new run from them."
+            )
+        self.reward_shift.load_state_dict(state["reward_shift"])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint:

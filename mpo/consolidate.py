@@ -1,0 +1,64 @@
+"""Consolidate any checkpoint (DeepSpeed ZeRO shards included) into an HF-format model folder."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _zero_tags(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.iterdir() if p.is_dir() and p.name.startswith("global_step"))
+
+
+def consolidate(ckpt: str | Path, out: str | Path) -> Path:
+    """Write ``ckpt``'s weights as a full HF-format InternVL model (with tokenizer) to ``out``.
+
+    ZeRO checkpoints are merged with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (its
+    ``zero_to_fp32.py --safe_serialization`` script fails on tied embeddings, facts §7); a plain
+    checkpoint is re-saved as is.
+    """
+    from transformers import AutoConfig, InternVLForConditionalGeneration
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: no config.json, so it is not a model checkpoint")
+    if (ckpt / "adapter_config.json").is_file():
+        raise ValueError(f"{ckpt} holds a LoRA adapter: use `mpo export --merge-lora {ckpt} OUT` instead")
+    if _zero_tags(ckpt):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+        model = InternVLForConditionalGeneration(AutoConfig.from_pretrained(ckpt))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{ckpt}: ZeRO state does not fit the model (missing {missing}, unexpected {unexpected})")
+        model.tie_weights()
+    else:
+        model = InternVLForConditionalGeneration.from_pretrained(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, out / name)
+    return out
+
+
+def cmd_consolidate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mpo consolidate", description=consolidate.__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    a = p.parse_args(argv)
+    try:
+        print(consolidate(a.checkpoint, a.out_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+CLI_COMMANDS = {"consolidate": cmd_consolidate}
