@@ -1,8 +1,8 @@
 """The ``mpo`` command: training and the tools around it.
 
-    mpo train --config X [key.sub=value ...]
-    mpo make-tiny OUT_DIR                 build the tiny test/demo InternVL + tokenizer
-    mpo summary RUN_DIR                   print a finished run's summary
+mpo train --config X [key.sub=value ...]
+mpo make-tiny OUT_DIR                 build the tiny test/demo InternVL + tokenizer
+mpo summary RUN_DIR                   print a finished run's summary
 """
 
 from __future__ import annotations
@@ -22,16 +22,27 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _barrier() -> None:
+    """All ranks finish writing before any tears down: a gloo group destroyed while a peer still
+    has work in flight can abort that peer at exit (seen once in CI as SIGABRT under ZeRO-3)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def cmd_train(argv: list[str]) -> int:
     from mpo.config import ConfigError, load_config
     from mpo.model.loading import ModelLoadError
+    from mpo.refcache import RefCacheError
     from mpo.run import format_summary, main_process, run_training
 
     args = config_parser("Train InternVL with MPO").parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run_training(cfg)
-    except (ConfigError, ModelLoadError) as exc:
+        _barrier()
+    except (ConfigError, ModelLoadError, RefCacheError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -40,6 +40,9 @@ class ModelConfig:
     unfreeze_vision_last_n: int = 0
     lora: dict[str, Any] | None = None  # peft LoRA settings, see mpo.model.lora
     logprob_chunk_size: int = 4096  # response tokens per LM-head chunk (bounds logits memory)
+    # One LLM pass over [prompt | chosen | rejected] per pair instead of two full rows
+    # (mpo.shared_prompt); needs sdpa or eager attention for its block mask.
+    shared_prompt: bool = False
 
 
 @dataclass
@@ -253,7 +256,9 @@ def parse_override(text: str) -> dict[str, Any]:
     return {parts[0]: {parts[1]: value}}
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """Defaults <- YAML file <- overrides, then ``validate``.
 
     Relative paths in the YAML (model.path, data.meta_path, ...) are kept as written: they resolve
@@ -290,7 +295,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if any(w < 0 for w in weights):
         problems.append("loss weights must be >= 0")
     elif sum(weights) == 0:
-        problems.append("loss.preference_weight, quality_weight and generation_weight are all 0: nothing to train")
+        problems.append(
+            "loss.preference_weight, quality_weight and generation_weight are all 0: nothing to train"
+        )
     if not 0 <= loss.label_smoothing < 0.5:
         problems.append(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
     if d.max_length < 16:
@@ -308,6 +315,11 @@ def validate(cfg: ExperimentConfig) -> None:
     problems += lora_problems(m.lora)
     if m.reference == "lora_disabled" and not m.lora:
         problems.append("model.reference=lora_disabled needs model.lora settings")
+    if m.shared_prompt and m.attn_implementation == "flash_attention_2":
+        problems.append(
+            "model.shared_prompt=true needs a block attention mask, which flash_attention_2 cannot take: "
+            "use model.attn_implementation=sdpa or turn shared_prompt off"
+        )
     if m.reference == "cache" and not m.ref_cache:
         problems.append("model.reference=cache needs model.ref_cache (written by `mpo precompute-ref`)")
     if m.logprob_chunk_size < 1:

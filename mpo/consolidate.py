@@ -7,7 +7,12 @@ import shutil
 import sys
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def _zero_tags(ckpt: Path) -> list[Path]:
@@ -36,7 +41,9 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
-            raise ValueError(f"{ckpt}: ZeRO state does not fit the model (missing {missing}, unexpected {unexpected})")
+            raise ValueError(
+                f"{ckpt}: ZeRO state does not fit the model (missing {missing}, unexpected {unexpected})"
+            )
         model.tie_weights()
     else:
         model = InternVLForConditionalGeneration.from_pretrained(ckpt)

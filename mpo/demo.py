@@ -27,7 +27,9 @@ SHAPES = ["circle", "square"]
 BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10), "gray": (128, 128, 128)}
 
 
-def draw_shape(color: str, shape: str, background: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+def draw_shape(
+    color: str, shape: str, background: str, size: tuple[int, int], rng: random.Random
+) -> Image.Image:
     w, h = size
     img = Image.new("RGB", size, BACKGROUNDS[background])
     d = ImageDraw.Draw(img)
@@ -52,10 +54,18 @@ def make_pair(rng: random.Random, image_rel: str, color: str, background: str) -
         question = "What color is the background?"  # no placeholder: the loader prefixes "<image>\n"
         chosen = f"The background is {background}."
         rejected = f"The background is {wrong}."
-    return {"image": image_rel, "question": question, "chosen": chosen, "rejected": rejected, "answer_gt": color}
+    return {
+        "image": image_rel,
+        "question": question,
+        "chosen": chosen,
+        "rejected": rejected,
+        "answer_gt": color,
+    }
 
 
-def write_demo_data(out_dir: str | Path, n_train: int = 480, n_eval: int = 120, seed: int = 0) -> dict[str, Path]:
+def write_demo_data(
+    out_dir: str | Path, n_train: int = 480, n_eval: int = 120, seed: int = 0
+) -> dict[str, Path]:
     """Write images, ``train.jsonl``/``eval.jsonl`` and the two meta files; returns their paths."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -64,7 +74,11 @@ def write_demo_data(out_dir: str | Path, n_train: int = 480, n_eval: int = 120, 
     for split, n in (("train", n_train), ("eval", n_eval)):
         lines = []
         for i in range(n):
-            color, shape, background = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+            color, shape, background = (
+                rng.choice(list(COLORS)),
+                rng.choice(SHAPES),
+                rng.choice(list(BACKGROUNDS)),
+            )
             # Mostly one tile; every fifth image is wide, so it is tiled 2x1 plus a thumbnail.
             size = (128, 64) if i % 5 == 4 else (64, 64)
             rel = f"images/{split}_{i:05d}.png"

@@ -28,7 +28,9 @@ class SequenceLogps:
         return self.logps[:half], self.logps[half:]
 
 
-def token_logps_brute_force(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def token_logps_brute_force(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Reference implementation: full ``log_softmax`` + ``gather``; summed per row, ``(N,)``."""
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
@@ -117,5 +119,3 @@ def naive_batch_logps(model, batch: dict) -> SequenceLogps:
         results.append(token_logps_brute_force(out.logits, batch["labels"][rows]))
     labels = batch["labels"]
     return SequenceLogps(logps=torch.cat(results), num_tokens=(labels[:, 1:] != IGNORE_INDEX).sum(-1))
-
-

@@ -34,7 +34,10 @@ def preference_loss(
     """
     margin = chosen_logratios - rejected_logratios
     if kind == "sigmoid":
-        return -F.logsigmoid(beta * margin) * (1 - label_smoothing) - F.logsigmoid(-beta * margin) * label_smoothing
+        return (
+            -F.logsigmoid(beta * margin) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * margin) * label_smoothing
+        )
     if kind == "hinge":
         return torch.relu(1 - beta * margin)
     if kind == "ipo":
@@ -105,7 +108,11 @@ def mpo_loss(
     chosen_lr = policy_chosen_logps - ref_chosen_logps
     rejected_lr = policy_rejected_logps - ref_rejected_logps
     zero = policy_chosen_logps.sum() * 0
-    l_p = preference_loss(chosen_lr, rejected_lr, w.beta, w.preference_type, w.label_smoothing).mean() if w.preference_weight else zero
+    l_p = (
+        preference_loss(chosen_lr, rejected_lr, w.beta, w.preference_type, w.label_smoothing).mean()
+        if w.preference_weight
+        else zero
+    )
     l_q = bco_pair_loss(chosen_lr, rejected_lr, w.beta, delta).mean() if w.quality_weight else zero
     if not w.generation_weight:
         l_g = zero

@@ -59,7 +59,9 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
     if not path.is_dir():
         raise ConfigError(f"training.resume_from_checkpoint: no such folder: {path}")
     if not (path / COMPLETE_MARKER).is_file():
-        raise ConfigError(f"training.resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER}); a save was interrupted")
+        raise ConfigError(
+            f"training.resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER}); a save was interrupted"
+        )
     return str(path)
 
 
@@ -76,6 +78,9 @@ def build_trainer(cfg: ExperimentConfig):
     check_model_path(cfg.model.path)
     training = dict(cfg.training)
     resume_value = training.pop("resume_from_checkpoint", None)
+    from mpo.observability import attach_observability, configure_loggers
+
+    configure_loggers(training, cfg.extras, cfg.to_dict())
     if launched_world_size() > 1 and not training.get("deepspeed"):
         raise ConfigError(
             "several processes were launched but training.deepspeed is not set: multi-process training "
@@ -97,10 +102,22 @@ def build_trainer(cfg: ExperimentConfig):
         model = apply_lora(model, cfg.model.lora)
     ref_model = None
     if cfg.model.reference == "copy":
-        ref_model = load_model(cfg.model.ref_path or cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
+        ref_model = load_model(
+            cfg.model.ref_path or cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation
+        )
     vision = VisionSpec.from_model_config(model.config)
     train_ds = PairDataset(cfg.data.meta_path, tokenizer, vision, cfg.data)
-    eval_ds = PairDataset(cfg.data.eval_meta_path, tokenizer, vision, cfg.data) if cfg.data.eval_meta_path else None
+    eval_ds = (
+        PairDataset(cfg.data.eval_meta_path, tokenizer, vision, cfg.data) if cfg.data.eval_meta_path else None
+    )
+    if cfg.model.reference == "cache":
+        # Reference log-probs come with each batch; no reference model is loaded at all.
+        from mpo.refcache import open_ref_cache
+
+        ref_source = cfg.model.ref_path or cfg.model.path
+        train_ds = open_ref_cache(cfg.model.ref_cache, train_ds, ref_source, cfg.model.torch_dtype)
+        if eval_ds is not None:
+            eval_ds = open_ref_cache(cfg.model.ref_cache, eval_ds, ref_source, cfg.model.torch_dtype)
     trainer = MPOTrainer(
         model=model,
         args=args,
@@ -112,7 +129,10 @@ def build_trainer(cfg: ExperimentConfig):
         loss_weights=LossWeights.from_config(cfg.loss),
         reference=cfg.model.reference,
         logprob_chunk_size=cfg.model.logprob_chunk_size,
+        group_by_length=cfg.data.group_by_length,
+        shared_prompt=cfg.model.shared_prompt,
     )
+    attach_observability(trainer, cfg)
     return trainer, resume
 
 
@@ -122,6 +142,9 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     out_dir = Path(trainer.args.output_dir)
     main = trainer.args.should_save
     if main:
+        from mpo.observability import startup_summary
+
+        print(startup_summary(trainer, cfg), flush=True)
         save_config(cfg, out_dir)
         info = {
             "versions": _versions(),
@@ -155,9 +178,15 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
 
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         write_export_metadata(
-            final_dir, cfg, summary, tokenizer=trainer.processing_class,
+            final_dir,
+            cfg,
+            summary,
+            tokenizer=trainer.processing_class,
             config=trainer.accelerator.unwrap_model(trainer.model).config,
         )
+    from mpo.observability import finish_loggers
+
+    finish_loggers()
     return summary
 
 
@@ -166,12 +195,16 @@ def _as_dict(value: Any) -> Any:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"steps: {summary['global_step']}   train loss: {summary['train_loss']:.4f}   bco delta: {summary['bco_delta']:.4f}"]
+    lines = [
+        f"steps: {summary['global_step']}   train loss: {summary['train_loss']:.4f}   bco delta: {summary['bco_delta']:.4f}"
+    ]
     ev = summary.get("eval")
     if ev:
         lines.append(
             "held-out: preference accuracy {acc:.3f}   reward margin {m:.3f}   loss {l:.4f}".format(
-                acc=ev.get("rewards/accuracies", float("nan")), m=ev.get("rewards/margins", float("nan")), l=ev.get("loss", float("nan"))
+                acc=ev.get("rewards/accuracies", float("nan")),
+                m=ev.get("rewards/margins", float("nan")),
+                l=ev.get("loss", float("nan")),
             )
         )
     lines.append(f"final model: {summary['final_model']}")

@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback
 
 from mpo.logprobs import batch_logps
 from mpo.loss import LossWeights, RewardShift, mpo_loss
+from mpo.shared_prompt import shared_prompt_batch_logps
 
 MPO_STATE_NAME = "mpo_state.json"
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -61,6 +62,8 @@ class MPOTrainer(Trainer):
         loss_weights: the MPO loss settings.
         reference: ``copy``, ``lora_disabled`` or ``cache``.
         logprob_chunk_size: response positions per LM-head call.
+        group_by_length: batch pairs of similar estimated length (``mpo.sampler``).
+        shared_prompt: one LLM pass per pair over ``[prompt | chosen | rejected]``.
     """
 
     def __init__(
@@ -70,14 +73,23 @@ class MPOTrainer(Trainer):
         loss_weights: LossWeights | None = None,
         reference: str = "copy",
         logprob_chunk_size: int = 4096,
+        group_by_length: bool = False,
+        shared_prompt: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
+        # Both compute per-sequence log-probs of the same rows; shared_prompt packs each pair's
+        # prompt once (mpo.shared_prompt), batch_logps runs chosen and rejected rows separately.
+        self._logps = shared_prompt_batch_logps if shared_prompt else batch_logps
         self.loss_weights = loss_weights or LossWeights()
         self.reference = reference
         self.logprob_chunk_size = logprob_chunk_size
         self.reward_shift = RewardShift()
-        self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._stored: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         self._throughput = {"tokens": 0, "pairs": 0, "since": time.perf_counter()}
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by accumulation steps.
         self.loss_is_scaled_for_ga = False
@@ -87,6 +99,15 @@ class MPOTrainer(Trainer):
                 raise ValueError("reference=copy needs a ref_model")
             self.ref_model = self._prepare_reference(ref_model)
         self.add_callback(MetricsFileCallback(Path(self.args.output_dir) / "metrics.jsonl"))
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        from mpo.sampler import LengthGroupedPairSampler, pair_lengths
+
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = pair_lengths(getattr(ds, "pairs", ds))  # a RefCachedDataset wraps the PairDataset
+        return LengthGroupedPairSampler(lengths, self.args.per_device_train_batch_size, seed=self.args.seed)
 
     # ---- reference model -------------------------------------------------------------------
     def _prepare_reference(self, ref_model: torch.nn.Module) -> torch.nn.Module:
@@ -109,12 +130,12 @@ class MPOTrainer(Trainer):
                 was_training = policy.training
                 policy.eval()
                 try:
-                    out = batch_logps(policy.base_model.model, inputs, self.logprob_chunk_size)
+                    out = self._logps(policy.base_model.model, inputs, self.logprob_chunk_size)
                 finally:
                     policy.train(was_training)
             return out.split()
         ref = self.ref_model.module if hasattr(self.ref_model, "module") else self.ref_model
-        return batch_logps(ref, inputs, self.logprob_chunk_size).split()
+        return self._logps(ref, inputs, self.logprob_chunk_size).split()
 
     # ---- loss ------------------------------------------------------------------------------
     def _policy(self, model):
@@ -130,7 +151,7 @@ class MPOTrainer(Trainer):
             zero = sum((p.sum() * 0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
             return (zero, {}) if return_outputs else zero
         policy = self._policy(model)
-        out = batch_logps(policy, inputs, self.logprob_chunk_size)
+        out = self._logps(policy, inputs, self.logprob_chunk_size)
         chosen_logps, rejected_logps = out.split()
         half = chosen_logps.shape[0]
         ref_chosen, ref_rejected = self.reference_logps(model, inputs)
@@ -138,7 +159,14 @@ class MPOTrainer(Trainer):
         if train_eval == "train":
             # δ is updated with this micro-batch's rewards from every rank before the loss (facts §5).
             rewards = beta * torch.cat([chosen_logps - ref_chosen, rejected_logps - ref_rejected]).detach()
-            stats = _all_reduce_sum(torch.stack([rewards.double().sum(), torch.tensor(rewards.numel(), dtype=torch.float64, device=rewards.device)]))
+            stats = _all_reduce_sum(
+                torch.stack(
+                    [
+                        rewards.double().sum(),
+                        torch.tensor(rewards.numel(), dtype=torch.float64, device=rewards.device),
+                    ]
+                )
+            )
             self.reward_shift.update(stats[0].item(), int(stats[1].item()))
         delta = self.reward_shift.value
         chosen_nll = -chosen_logps
@@ -149,7 +177,14 @@ class MPOTrainer(Trainer):
             total = _all_reduce_sum(chosen_tokens.sum().to(torch.float64))
             sft_denominator = (total / dist.get_world_size()).clamp(min=1).to(chosen_nll.dtype)
         loss, metrics = mpo_loss(
-            chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_nll, chosen_tokens, delta, self.loss_weights,
+            chosen_logps,
+            rejected_logps,
+            ref_chosen,
+            ref_rejected,
+            chosen_nll,
+            chosen_tokens,
+            delta,
+            self.loss_weights,
             sft_denominator,
         )
         self._store_metrics(metrics, train_eval)
@@ -173,7 +208,12 @@ class MPOTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        train_eval = "train" if "loss" in logs else "eval"
+        if "loss" in logs:
+            train_eval = "train"
+        elif any(k.startswith("eval_") for k in logs):
+            train_eval = "eval"
+        else:  # train-end summary (train_runtime, ...): nothing of ours to add
+            return super().log(logs, start_time)
         prefix = "" if train_eval == "train" else "eval_"
         for k, vals in self._stored[train_eval].items():
             if vals:
@@ -206,7 +246,9 @@ class MPOTrainer(Trainer):
             state = {"reward_shift": self.reward_shift.state_dict(), "world_size": self.args.world_size}
             _write_atomic(ckpt / MPO_STATE_NAME, json.dumps(state))
             # Written last: a checkpoint without it is incomplete and never resumed from.
-            _write_atomic(ckpt / COMPLETE_MARKER, json.dumps({"step": self.state.global_step, "time": time.time()}))
+            _write_atomic(
+                ckpt / COMPLETE_MARKER, json.dumps({"step": self.state.global_step, "time": time.time()})
+            )
             rotate_complete_checkpoints(run_dir, limit)
         if _dist_ready():
             dist.barrier()
@@ -231,7 +273,9 @@ class MPOTrainer(Trainer):
     def load_mpo_state(self, checkpoint: str | os.PathLike) -> None:
         path = Path(checkpoint) / MPO_STATE_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{checkpoint}: no {MPO_STATE_NAME}; not a checkpoint written by internvl-mpo")
+            raise FileNotFoundError(
+                f"{checkpoint}: no {MPO_STATE_NAME}; not a checkpoint written by internvl-mpo"
+            )
         state = json.loads(path.read_text())
         saved_world = state.get("world_size", 1)
         if saved_world != self.args.world_size:
@@ -285,9 +329,9 @@ def rotate_complete_checkpoints(run_dir: Path, limit: int | None) -> list[Path]:
     if not complete:
         return []
     newest = complete[-1][0]
-    keep = {c[0] for c in complete[-max(limit, 1):]}
+    keep = {c[0] for c in complete[-max(limit, 1) :]}
     deleted = []
-    for step, path, done in ckpts:
+    for step, path, _done in ckpts:
         if step in keep or step > newest:
             continue
         shutil.rmtree(path, ignore_errors=True)
@@ -299,5 +343,3 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """Newest ``checkpoint-N`` folder of ``output_dir`` that carries the completion marker."""
     complete = [path for _, path, done in _checkpoints(Path(output_dir)) if done]
     return str(complete[-1]) if complete else None
-
-

@@ -194,6 +194,7 @@ def experiment_config(a, model_dir: Path, meta: Path, cache_dir: Path):
             f"data.max_length={a.max_length}",
             f"model.torch_dtype={'bfloat16' if a.device == 'cuda' else 'float32'}",
             f"training.per_device_eval_batch_size={a.batch_size}",
+            f"model.shared_prompt={str(bool(getattr(a, 'shared_prompt', False))).lower()}",
         ],
     )
 
@@ -263,12 +264,6 @@ def run_ours(a, work: Path, ref_cache: bool) -> Any:
 
     cfg = experiment_config(a, work / "model", work / "data" / "meta.json", work / "refcache")
     args = TrainingArguments(**training_args(a, str(work / "out-ours")))
-    if a.shared_prompt:
-        # Until the trainer has a config key for it: the shared-prompt forward in place of the plain one.
-        import mpo.trainer
-        from mpo.shared_prompt import shared_prompt_batch_logps
-
-        mpo.trainer.batch_logps = shared_prompt_batch_logps
     tok = load_tokenizer(cfg.model.path)
     model = load_model(cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)
     ref = (
@@ -291,6 +286,7 @@ def run_ours(a, work: Path, ref_cache: bool) -> Any:
         loss_weights=LossWeights.from_config(cfg.loss),
         reference="cache" if ref_cache else "copy",
         logprob_chunk_size=cfg.model.logprob_chunk_size,
+        shared_prompt=cfg.model.shared_prompt,
     )
 
 

@@ -84,18 +84,36 @@ def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_matches_uninterrupted(tiny_model_dir, demo_data, tmp_path):
     common = [
-        f"model.path={tiny_model_dir}", f"data.meta_path={demo_data['train']}", "data.eval_meta_path=null",
-        "training.max_steps=24", "training.per_device_train_batch_size=2", "training.learning_rate=1e-3",
-        "training.logging_steps=1", "training.save_steps=4", "training.use_cpu=true", "training.disable_tqdm=true",
+        f"model.path={tiny_model_dir}",
+        f"data.meta_path={demo_data['train']}",
+        "data.eval_meta_path=null",
+        "training.max_steps=24",
+        "training.per_device_train_batch_size=2",
+        "training.learning_rate=1e-3",
+        "training.logging_steps=1",
+        "training.save_steps=4",
+        "training.use_cpu=true",
+        "training.disable_tqdm=true",
         "training.eval_strategy=no",
     ]
-    cmd = [sys.executable, str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train" / "train_mpo.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run(cmd + common + [f"training.output_dir={tmp_path / 'full'}"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        cmd + common + [f"training.output_dir={tmp_path / 'full'}"], check=True, env=env, capture_output=True
+    )
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(cmd + common + [f"training.output_dir={crashed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + common + [f"training.output_dir={crashed}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (crashed / "checkpoint-8" / COMPLETE_MARKER).exists():
         time.sleep(0.05)
@@ -104,8 +122,12 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tiny_model_dir, 
     killed_at = max(_losses(crashed))
     assert killed_at < 24
 
-    subprocess.run(cmd + common + [f"training.output_dir={crashed}", "training.resume_from_checkpoint=latest"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        cmd + common + [f"training.output_dir={crashed}", "training.resume_from_checkpoint=latest"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     full, resumed = _losses(tmp_path / "full"), _losses(crashed)
     start = int(Path(latest_complete_checkpoint(crashed)).name.split("-")[1])
     assert start == 24

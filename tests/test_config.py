@@ -29,12 +29,18 @@ def test_every_config_loads_and_validates(path):
         assert (ROOT / ds).is_file(), f"{path.name}: deepspeed config {ds} missing"
         json.loads((ROOT / ds).read_text())
     # The training section must build real TrainingArguments (no DeepSpeed init on this machine).
-    fields = {k: v for k, v in cfg.training.items() if k not in ("deepspeed", "bf16", "tf32", "resume_from_checkpoint")}
+    fields = {
+        k: v
+        for k, v in cfg.training.items()
+        if k not in ("deepspeed", "bf16", "tf32", "resume_from_checkpoint")
+    }
     fields["use_cpu"] = True
     TrainingArguments(**fields)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")), ids=lambda p: p.name
+)
 def test_deepspeed_jsons_parse(path):
     cfg = json.loads(path.read_text())
     assert "zero_optimization" in cfg
@@ -50,7 +56,11 @@ def test_official_hyperparameters_in_real_config():
     assert t["bf16"] is True and t["gradient_checkpointing"] is True
     assert t["per_device_train_batch_size"] == 1
     assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * 8 == 256
-    assert (cfg.loss.preference_weight, cfg.loss.quality_weight, cfg.loss.generation_weight) == (0.8, 0.2, 1.0)
+    assert (cfg.loss.preference_weight, cfg.loss.quality_weight, cfg.loss.generation_weight) == (
+        0.8,
+        0.2,
+        1.0,
+    )
     assert cfg.loss.beta == pytest.approx(0.1)
     assert cfg.data.max_length == 8192 and cfg.data.max_dynamic_patch == 12
 
@@ -82,7 +92,9 @@ def test_overrides_parse_yaml_values_and_win_over_file(tmp_path):
     assert parse_override("training.max_steps=20") == {"training": {"max_steps": 20}}
     assert parse_override("data.system_message=") == {"data": {"system_message": ""}}
     p = tmp_path / "c.yaml"
-    p.write_text("model:\n  path: a/b\ndata:\n  meta_path: m\ntraining:\n  max_steps: 3\n  learning_rate: 1e-6\n")
+    p.write_text(
+        "model:\n  path: a/b\ndata:\n  meta_path: m\ntraining:\n  max_steps: 3\n  learning_rate: 1e-6\n"
+    )
     cfg = load_config(p, ["training.max_steps=20", "loss.beta=0.2"])
     assert cfg.training["max_steps"] == 20 and cfg.loss.beta == 0.2
     assert cfg.training["learning_rate"] == pytest.approx(1e-6)  # YAML's "1e-6" string coerced to float
@@ -92,7 +104,10 @@ def test_overrides_parse_yaml_values_and_win_over_file(tmp_path):
 
 def test_validate_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as exc:
-        load_config(None, ["loss.beta=0", "loss.preference_weight=0", "loss.quality_weight=0", "loss.generation_weight=0"])
+        load_config(
+            None,
+            ["loss.beta=0", "loss.preference_weight=0", "loss.quality_weight=0", "loss.generation_weight=0"],
+        )
     msg = str(exc.value)
     for part in ("model.path is required", "data.meta_path is required", "loss.beta must be > 0", "all 0"):
         assert part in msg

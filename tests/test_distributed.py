@@ -28,9 +28,15 @@ def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
 @pytest.fixture(scope="module")
 def common(tiny_model_dir, demo_data):
     return [
-        f"model.path={tiny_model_dir}", f"data.meta_path={demo_data['train']}", "data.eval_meta_path=null",
-        "training.max_steps=3", "training.learning_rate=1e-3", "training.logging_steps=1",
-        "training.save_steps=3", "training.eval_strategy=no", "training.disable_tqdm=true",
+        f"model.path={tiny_model_dir}",
+        f"data.meta_path={demo_data['train']}",
+        "data.eval_meta_path=null",
+        "training.max_steps=3",
+        "training.learning_rate=1e-3",
+        "training.logging_steps=1",
+        "training.save_steps=3",
+        "training.eval_strategy=no",
+        "training.disable_tqdm=true",
         "training.dataloader_num_workers=0",
     ]
 
@@ -38,8 +44,16 @@ def common(tiny_model_dir, demo_data):
 @pytest.fixture(scope="module")
 def single_process(common, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    cmd = [sys.executable, str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-           *common, "training.per_device_train_batch_size=4", "training.use_cpu=true", f"training.output_dir={out}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train" / "train_mpo.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        *common,
+        "training.per_device_train_batch_size=4",
+        "training.use_cpu=true",
+        f"training.output_dir={out}",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return out
 
@@ -49,9 +63,20 @@ def test_two_ranks_match_single_process(common, single_process, tmp_path, stage,
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed CLI is not installed"
     out = tmp_path / stage
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(port), str(ROOT / "train" / "train_mpo.py"),
-           "--config", str(ROOT / "configs" / "demo.yaml"), *common, "training.per_device_train_batch_size=2",
-           f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / f'{stage}.json'}", f"training.output_dir={out}"]
+    cmd = [
+        launcher,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        str(ROOT / "train" / "train_mpo.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        *common,
+        "training.per_device_train_batch_size=2",
+        f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / f'{stage}.json'}",
+        f"training.output_dir={out}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     info = json.loads((out / "run_info.json").read_text())

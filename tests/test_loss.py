@@ -67,13 +67,17 @@ def test_limits_large_margin_drives_preference_to_zero():
     # Huge wrong-way margin: loss grows linearly (no overflow to inf).
     assert preference_loss(-big, big, 0.1).item() == pytest.approx(100.0, rel=1e-6)
     # BCO with δ equal to both rewards: two coin flips, 2·ln2.
-    assert bco_pair_loss(torch.tensor([3.0]), torch.tensor([3.0]), 0.1, 0.3).item() == pytest.approx(2 * LN2, abs=1e-6)
+    assert bco_pair_loss(torch.tensor([3.0]), torch.tensor([3.0]), 0.1, 0.3).item() == pytest.approx(
+        2 * LN2, abs=1e-6
+    )
 
 
 def test_gradients_flow_to_policy_only_through_expected_terms():
     pc = torch.tensor([-5.0], requires_grad=True)
     pr = torch.tensor([-6.0], requires_grad=True)
-    loss, _ = mpo_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-6.0]), -pc, torch.tensor([5]), 0.0, LossWeights())
+    loss, _ = mpo_loss(
+        pc, pr, torch.tensor([-5.0]), torch.tensor([-6.0]), -pc, torch.tensor([5]), 0.0, LossWeights()
+    )
     loss.backward()
     # d/dpc: 0.8·(-β·σ(0)) + 0.2·(-β·σ(0)) + (-1/5); d/dpr: 0.8·β·σ(0) + 0.2·β·σ(0)
     assert pc.grad.item() == pytest.approx(-0.8 * 0.05 - 0.2 * 0.05 - 0.2, abs=1e-6)
@@ -114,7 +118,10 @@ def _trl_loss(loss_types, loss_weights, per_token_logps, mask, ref_chosen, ref_r
             return outputs
 
     identity = SimpleNamespace(
-        device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x, unwrap_model=lambda m: m
+        device=torch.device("cpu"),
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        unwrap_model=lambda m: m,
     )
     stub = SimpleNamespace(
         model=FakeModel(),

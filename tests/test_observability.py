@@ -27,9 +27,7 @@ from mpo.run import build_trainer
 
 
 def _build(cfg):
-    configure_loggers(cfg.training, cfg.extras, cfg.to_dict())
-    trainer, _ = build_trainer(cfg)
-    attach_observability(trainer, cfg)
+    trainer, _ = build_trainer(cfg)  # configures the loggers and attaches the callbacks itself
     return trainer
 
 
@@ -101,7 +99,7 @@ def test_startup_summary(tiny_config):
         "reference copy",
     ):
         assert part in line, (part, line)
-    # attach is idempotent (the lead may also wire it into build_trainer)
+    # attaching again (build_trainer already did) changes nothing
     before = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     attach_observability(trainer, cfg)
     assert [type(c).__name__ for c in trainer.callback_handler.callbacks] == before

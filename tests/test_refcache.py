@@ -172,10 +172,7 @@ def test_training_with_cache_equals_training_with_reference(
     )
     trainer, _ = build_trainer(cached_cfg)
     assert trainer.ref_model is None  # no reference model is loaded
-    if not isinstance(trainer.train_dataset, RefCachedDataset):  # until run.py wires it
-        trainer.train_dataset = open_ref_cache(
-            cache_dir, trainer.train_dataset, str(tiny_model_dir), "float32"
-        )
+    assert isinstance(trainer.train_dataset, RefCachedDataset)  # build_trainer wrapped the data
     with_cache = _train_losses(trainer)
     assert len(with_ref) == len(with_cache) == 3
     assert with_cache == pytest.approx(with_ref, abs=ATOL)

@@ -49,7 +49,9 @@ def test_step0_loss_equals_0p832_plus_nll(tiny_config):
         )
     logits = out.logits[:, :-1].float()
     targets = batch["labels"][:b, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
     expected = 0.8 * math.log(2) + 0.2 * 2 * math.log(2) + nll.item()
     assert trainer.reward_shift.value == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -63,8 +65,20 @@ def test_run_writes_outputs_and_final_model_loads(tiny_config):
         assert (run_dir / name).is_file(), name
     logs = _train_logs(run_dir)
     assert sorted(logs) == [1, 2, 3, 4]
-    required = ["loss", "loss/dpo", "loss/bco", "loss/sft", "rewards/chosen", "rewards/rejected",
-                "rewards/accuracies", "rewards/margins", "bco/delta", "learning_rate", "grad_norm", "tokens_per_s"]
+    required = [
+        "loss",
+        "loss/dpo",
+        "loss/bco",
+        "loss/sft",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "bco/delta",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_s",
+    ]
     for key in required:
         assert all(key in r for r in logs.values()), key
     # Each logged loss is the weighted sum of its logged terms (one micro-batch per step here).
@@ -95,7 +109,9 @@ def test_delta_and_losses_after_resume_equal_uninterrupted_run(tiny_config, tmp_
     trainer.add_callback(StopAfter(2))
     trainer.train()
     assert trainer.state.global_step == 2
-    resumed_cfg = tiny_config(f"training.output_dir={tmp_path / 'part'}", "training.resume_from_checkpoint=latest")
+    resumed_cfg = tiny_config(
+        f"training.output_dir={tmp_path / 'part'}", "training.resume_from_checkpoint=latest"
+    )
     trainer, resume = build_trainer(resumed_cfg)
     assert resume.endswith("checkpoint-2")
     trainer.train(resume_from_checkpoint=resume)
@@ -112,8 +128,13 @@ def test_delta_and_losses_after_resume_equal_uninterrupted_run(tiny_config, tmp_
 @pytest.mark.slow
 def test_training_raises_reward_accuracy_and_margins(tiny_config):
     cfg = tiny_config(
-        "training.max_steps=48", "training.per_device_train_batch_size=4", "training.learning_rate=3e-3",
-        "training.save_strategy=no", "training.logging_steps=4",
+        # 96 steps of 8 pairs (12 epochs of the 64-pair fixture): ~10 s on 2 idle cores. Margins
+        # first move clearly after ~40 steps (coloured-shape data, random tiny model).
+        "training.max_steps=96",
+        "training.per_device_train_batch_size=8",
+        "training.learning_rate=3e-3",
+        "training.save_strategy=no",
+        "training.logging_steps=4",
     )
     run_training(cfg)
     logs = [r for _, r in sorted(_train_logs(Path(cfg.training["output_dir"])).items())]
@@ -133,3 +154,55 @@ def test_missing_model_path_is_a_clear_error(tiny_config, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert cmd_train(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_shared_prompt_setting_trains_like_the_plain_forward(tiny_config, tmp_path):
+    """model.shared_prompt=true changes how log-probs are computed, not what they are."""
+    common = ["training.max_steps=3", "training.save_strategy=no", "data.eval_meta_path=null"]
+    plain, _ = build_trainer(tiny_config(*common, f"training.output_dir={tmp_path / 'plain'}"))
+    shared, _ = build_trainer(
+        tiny_config(*common, "model.shared_prompt=true", f"training.output_dir={tmp_path / 'shared'}")
+    )
+    assert shared._logps is not plain._logps
+    plain.train()
+    shared.train()
+    a, b = _train_logs(tmp_path / "plain"), _train_logs(tmp_path / "shared")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        # Same math, different kernels (one packed row vs two): float32 round-off only.
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4)
+        assert b[step]["bco/delta"] == pytest.approx(a[step]["bco/delta"], rel=1e-4, abs=1e-7)
+    assert a[3]["loss"] != a[1]["loss"]
+
+
+def test_group_by_length_batches_have_less_padding(tiny_config, tmp_path):
+    """data.group_by_length=true puts pairs of similar length together: less padding, same pairs."""
+    from mpo.sampler import LengthGroupedPairSampler
+
+    def epoch(grouped: bool):
+        trainer, _ = build_trainer(
+            tiny_config(
+                f"data.group_by_length={str(grouped).lower()}",
+                "training.per_device_train_batch_size=4",
+                f"training.output_dir={tmp_path / str(grouped)}",
+            )
+        )
+        assert isinstance(trainer._get_train_sampler(), LengthGroupedPairSampler) == grouped
+        padded, real, n = 0, 0, 0
+        for batch in trainer.get_train_dataloader():
+            padded += batch["attention_mask"].numel()
+            real += int(batch["attention_mask"].sum())
+            n += batch["num_pairs"]
+        return padded, real, n
+
+    plain_padded, plain_real, plain_n = epoch(False)
+    grouped_padded, grouped_real, grouped_n = epoch(True)
+    assert grouped_n == plain_n == 64 and grouped_real == plain_real  # every pair once
+    assert grouped_padded < plain_padded
+
+
+def test_shared_prompt_refuses_flash_attention(tiny_config):
+    from mpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.shared_prompt"):
+        tiny_config("model.shared_prompt=true", "model.attn_implementation=flash_attention_2")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train InternVL with MPO.
 
-    python train/train_mpo.py --config configs/demo.yaml [key.sub=value ...]
-    deepspeed --num_gpus 8 train/train_mpo.py --config configs/internvl2_5_1b_mpo.yaml
+python train/train_mpo.py --config configs/demo.yaml [key.sub=value ...]
+deepspeed --num_gpus 8 train/train_mpo.py --config configs/internvl2_5_1b_mpo.yaml
 """
 
 import sys

@@ -107,7 +107,9 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 600) 
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, vision: dict | None = None, text: dict | None = None) -> InternVLConfig:
+def build_config(
+    tokenizer: PreTrainedTokenizerFast, vision: dict | None = None, text: dict | None = None
+) -> InternVLConfig:
     """An InternVLConfig with tiny sizes and the tokenizer's ids wired in."""
     vision_cfg = InternVLVisionConfig(**{**TINY_VISION, **(vision or {})})
     text_cfg = Qwen2Config(
@@ -130,7 +132,9 @@ def build_config(tokenizer: PreTrainedTokenizerFast, vision: dict | None = None,
     )
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **sizes) -> InternVLForConditionalGeneration:
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, **sizes
+) -> InternVLForConditionalGeneration:
     """Random-weight tiny InternVL; the same seed gives bit-identical weights."""
     config = build_config(tokenizer, **sizes)
     with torch.random.fork_rng():
