@@ -22,6 +22,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) scripts/make_demo.py --model-dir $(MODEL_DIR) --data-dir $(DEMO_DIR)
 	$(PY) train/train_mpo.py --config configs/demo.yaml
+	$(PY) -m mpo.cli report runs/demo
 	$(PY) -m mpo.cli summary runs/demo
 
 test: setup
