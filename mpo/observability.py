@@ -28,6 +28,7 @@ from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.trainer_callback import PrinterCallback
 
 from mpo.config import ConfigError
+from mpo.data.events import is_skipped
 from mpo.data.template import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def tiles_per_pair(dataset, max_items: int = 32) -> list[int]:
     out = []
     for i in idx:
         item = dataset[i]
-        if item is not None:
+        if not is_skipped(item):
             out.append(int(sum(item["num_tiles"])))
     return out
 
@@ -342,7 +343,7 @@ class SampleGenerationCallback(TrainerCallback):
             if len(prompts) >= self.num_prompts:
                 break
             item = ds[i]
-            if item is None:
+            if is_skipped(item):
                 continue
             _, _, record = ds.source.get(i)
             prompts.append(

@@ -70,6 +70,7 @@ def build_trainer(cfg: ExperimentConfig):
     from transformers import TrainingArguments
 
     from mpo.data.collate import PairCollator
+    from mpo.data.events import RecordingDataset
     from mpo.data.pairs import PairDataset, VisionSpec
     from mpo.loss import LossWeights
     from mpo.model.loading import check_model_path, load_model, load_tokenizer
@@ -118,6 +119,9 @@ def build_trainer(cfg: ExperimentConfig):
         train_ds = open_ref_cache(cfg.model.ref_cache, train_ds, ref_source, cfg.model.torch_dtype)
         if eval_ds is not None:
             eval_ds = open_ref_cache(cfg.model.ref_cache, eval_ds, ref_source, cfg.model.torch_dtype)
+    # Items carry their skip/truncation events to the trainer, from whichever worker read them.
+    train_ds = RecordingDataset(train_ds)
+    eval_ds = RecordingDataset(eval_ds) if eval_ds is not None else None
     trainer = MPOTrainer(
         model=model,
         args=args,
@@ -156,10 +160,9 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         }
         (out_dir / "run_info.json").write_text(json.dumps(info, indent=1))
     result = trainer.train(resume_from_checkpoint=resume)
+    train_events = trainer.total_data_events("train")  # every rank, every worker, across resumes
     if main:
-        trainer.train_dataset.write_skip_report(out_dir)
-        if trainer.eval_dataset is not None:
-            trainer.eval_dataset.write_skip_report(out_dir, name="data_skips_eval.json")
+        trainer.train_dataset.write_skip_report(out_dir, events=train_events)
     final_dir = out_dir / "final"
     trainer.save_model(str(final_dir))
     summary: dict[str, Any] = {
@@ -167,12 +170,15 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         "train_loss": result.training_loss,
         "bco_delta": trainer.reward_shift.value,
         "final_model": str(final_dir),
-        "skipped_train_samples": dict(trainer.train_dataset.skipped),
-        "truncated_train_responses": _as_dict(trainer.train_dataset.truncated),
+        "skipped_train_samples": dict(train_events.skipped),
+        "truncated_train_responses": dict(train_events.truncated),
     }
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
         summary["eval"] = {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}
+        eval_events = trainer.total_data_events("eval")
+        if main:
+            trainer.eval_dataset.write_skip_report(out_dir, name="data_skips_eval.json", events=eval_events)
     if main:
         from mpo.model.export import write_export_metadata
 
@@ -188,10 +194,6 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
 
     finish_loggers()
     return summary
-
-
-def _as_dict(value: Any) -> Any:
-    return dict(value) if hasattr(value, "items") else value
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
+from mpo.data.events import EVENTS_KEY, DataEvents, gather_events, pair_dataset_of
 from mpo.logprobs import batch_logps
 from mpo.loss import LossWeights, RewardShift, mpo_loss
 from mpo.shared_prompt import shared_prompt_batch_logps
@@ -86,6 +87,8 @@ class MPOTrainer(Trainer):
         self.reference = reference
         self.logprob_chunk_size = logprob_chunk_size
         self.reward_shift = RewardShift()
+        # Skips and truncations of the batches this rank consumed (mpo.data.events).
+        self.data_events = {"train": DataEvents(), "eval": DataEvents()}
         self._stored: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -106,7 +109,7 @@ class MPOTrainer(Trainer):
         from mpo.sampler import LengthGroupedPairSampler, pair_lengths
 
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = pair_lengths(getattr(ds, "pairs", ds))  # a RefCachedDataset wraps the PairDataset
+        lengths = pair_lengths(pair_dataset_of(ds))
         return LengthGroupedPairSampler(lengths, self.args.per_device_train_batch_size, seed=self.args.seed)
 
     # ---- reference model -------------------------------------------------------------------
@@ -145,6 +148,7 @@ class MPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         train_eval = "train" if model.training else "eval"
+        self.data_events[train_eval].add(inputs.pop(EVENTS_KEY, None))
         if not inputs.get("num_pairs"):
             # Every pair of this micro-batch was a counted, skipped bad sample. A zero that still
             # touches each trainable parameter keeps gradient hooks (and other ranks) in step.
@@ -240,10 +244,15 @@ class MPOTrainer(Trainer):
             self.args.save_total_limit = limit
         run_dir = Path(self._get_output_dir(trial=trial))
         ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+        data_events = gather_events(self.data_events["train"])  # collective: every rank saves
         if _dist_ready():
             dist.barrier()  # every rank's ZeRO shards are on disk before the checkpoint is marked complete
         if self.args.should_save:
-            state = {"reward_shift": self.reward_shift.state_dict(), "world_size": self.args.world_size}
+            state = {
+                "reward_shift": self.reward_shift.state_dict(),
+                "world_size": self.args.world_size,
+                "data_events": data_events.to_dict(),
+            }
             _write_atomic(ckpt / MPO_STATE_NAME, json.dumps(state))
             # Written last: a checkpoint without it is incomplete and never resumed from.
             _write_atomic(
@@ -287,6 +296,20 @@ class MPOTrainer(Trainer):
                 "consolidate the weights (`mpo consolidate CKPT OUT`) and start a new run from them."
             )
         self.reward_shift.load_state_dict(state["reward_shift"])
+        # The checkpoint holds the all-rank total: one rank carries it on, the others start at 0.
+        self.data_events["train"] = (
+            DataEvents.from_dict(state.get("data_events", {}))
+            if self.args.process_index == 0
+            else DataEvents()
+        )
+
+    def evaluate(self, *args, **kwargs):
+        self.data_events["eval"] = DataEvents()  # the report describes one pass over the eval data
+        return super().evaluate(*args, **kwargs)
+
+    def total_data_events(self, split: str = "train") -> DataEvents:
+        """``split``'s events summed over ranks (collective: call on every rank)."""
+        return gather_events(self.data_events[split])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint:

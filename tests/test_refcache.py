@@ -172,7 +172,7 @@ def test_training_with_cache_equals_training_with_reference(
     )
     trainer, _ = build_trainer(cached_cfg)
     assert trainer.ref_model is None  # no reference model is loaded
-    assert isinstance(trainer.train_dataset, RefCachedDataset)  # build_trainer wrapped the data
+    assert isinstance(trainer.train_dataset.pairs, RefCachedDataset)  # build_trainer wrapped the data
     with_cache = _train_losses(trainer)
     assert len(with_ref) == len(with_cache) == 3
     assert with_cache == pytest.approx(with_ref, abs=ATOL)

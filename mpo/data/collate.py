@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from mpo.data.events import EVENTS_KEY, DataEvents, is_skipped
 from mpo.data.template import IGNORE_INDEX
 
 
@@ -17,7 +18,9 @@ class PairCollator:
             rows ``[B, 2B)`` the rejected ones, in the same pair order; right padding.
         pixel_values: ``(sum of tiles, 3, S, S)`` in pair order, each pair's tiles once (both
             answers reuse them), or absent when no pair has an image.
-        num_pairs: B. Pairs that are None (skipped bad samples) are dropped and counted.
+        num_pairs: B. Skipped pairs (None, or only their events) are dropped and counted.
+        data_events: the items' skip/truncation events summed (``mpo.data.events``), when they
+            carry any.
     """
 
     def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX):
@@ -26,10 +29,12 @@ class PairCollator:
         self.dropped = 0
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        pairs = [it for it in items if it is not None]
+        pairs = [it for it in items if not is_skipped(it)]
         self.dropped += len(items) - len(pairs)
+        recorded = [it[EVENTS_KEY] for it in items if it is not None and EVENTS_KEY in it]
+        events = {EVENTS_KEY: sum_events(recorded)} if recorded else {}
         if not pairs:
-            return {"num_pairs": 0}
+            return {"num_pairs": 0, **events}
         seqs = [p["chosen_input_ids"] for p in pairs] + [p["rejected_input_ids"] for p in pairs]
         labs = [p["chosen_labels"] for p in pairs] + [p["rejected_labels"] for p in pairs]
         length = max(len(s) for s in seqs)
@@ -46,6 +51,7 @@ class PairCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "num_pairs": len(pairs),
+            **events,
         }
         pixels = [p["pixel_values"] for p in pairs if p.get("pixel_values") is not None]
         if pixels:
@@ -54,3 +60,10 @@ class PairCollator:
             if key in pairs[0]:
                 batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float64)
         return batch
+
+
+def sum_events(recorded: list[dict[str, Any]]) -> dict[str, Any]:
+    total = DataEvents()
+    for events in recorded:
+        total.add(events)
+    return total.to_dict()

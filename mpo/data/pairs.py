@@ -256,7 +256,8 @@ class PairDataset(torch.utils.data.Dataset):
     prompt over ``max_length``) are counted in ``skipped`` too but are never errors.
 
     The counters live in the process that reads the data: with DataLoader workers each worker
-    keeps its own, so a full count comes from ``mpo data check``.
+    keeps its own. Training therefore wraps the dataset in ``mpo.data.events.RecordingDataset``,
+    whose items carry their events to the trainer; ``report(events)`` writes those totals.
     """
 
     def __init__(self, meta_path: str | Path, tokenizer, vision: VisionSpec, data_cfg, pixels: bool = True):
@@ -337,24 +338,45 @@ class PairDataset(torch.utils.data.Dataset):
                 f"over data.max_bad_fraction={limit}; skips by reason: {bad}; first: {self.skip_log[:3]}"
             )
 
-    def report(self) -> dict[str, Any]:
-        """Counts for the skip report: samples seen, bad, skips by reason, truncations, examples."""
+    def report(self, events=None) -> dict[str, Any]:
+        """Counts for the skip report: samples seen, bad, skips by reason, truncations, examples.
+
+        Args:
+            events: a ``DataEvents`` total gathered from training batches (all workers and
+                ranks); None reports this process's own counters.
+        """
+        if events is None:
+            seen, bad, skipped, truncated, examples = (
+                self.seen,
+                self.bad,
+                self.skipped,
+                self.truncated,
+                self.skip_examples,
+            )
+        else:
+            seen, bad, skipped, truncated, examples = (
+                events.seen,
+                events.bad,
+                events.skipped,
+                events.truncated,
+                events.examples,
+            )
         return {
             "meta_path": str(self.meta_path),
             "samples": len(self),
-            "seen": self.seen,
-            "bad": self.bad,
-            "skipped": dict(self.skipped),
-            "truncated_responses": dict(self.truncated),
+            "seen": seen,
+            "bad": bad,
+            "skipped": dict(skipped),
+            "truncated_responses": dict(truncated),
             "max_bad_fraction": self.cfg.max_bad_fraction,
             "data_augment_ignored": self.augment_ignored,
-            "examples": self.skip_examples,
+            "examples": examples,
         }
 
-    def write_skip_report(self, out_dir: str | Path, name: str = "data_skips.json") -> Path:
-        """Write ``report()`` as JSON into ``out_dir`` (created if needed); returns the path."""
+    def write_skip_report(self, out_dir: str | Path, name: str = "data_skips.json", events=None) -> Path:
+        """Write ``report(events)`` as JSON into ``out_dir`` (created if needed); returns the path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / name
-        path.write_text(json.dumps(self.report(), indent=1, ensure_ascii=False))
+        path.write_text(json.dumps(self.report(events), indent=1, ensure_ascii=False))
         return path
