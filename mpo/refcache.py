@@ -140,18 +140,34 @@ def _media_paths(obj: dict) -> list[tuple[str, Any]]:
     return [("image", p) for p in (image if isinstance(image, list) else [image])]
 
 
-def pair_key(pair_dataset, index: int) -> bytes:
-    """sha256 digest (32 bytes) of pair ``index``: texts, media bytes and its tile budget."""
+def _media_digest(root: Path, value: Any, where: str, field: str) -> str:
+    """sha256 of one image or video as the encoder reads it: a file under ``root``, or the bytes /
+    decoded image a HF ``datasets`` Image column holds."""
+    from PIL import Image
+
     from mpo.data.pairs import resolve_media
 
+    if isinstance(value, Image.Image):
+        h = hashlib.sha256(f"{value.mode}:{value.size}:".encode())
+        h.update(value.tobytes())
+        return h.hexdigest()
+    if isinstance(value, dict) and value.get("bytes"):
+        return hashlib.sha256(value["bytes"]).hexdigest()
+    if isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    path = resolve_media(root, value, where, field)
+    if not path.is_file():
+        raise RefCacheError(f"{where}: field '{field}': file not found: {path}")
+    return _sha256_file(path)
+
+
+def pair_key(pair_dataset, index: int) -> bytes:
+    """sha256 digest (32 bytes) of pair ``index``: texts, media bytes and its tile budget."""
     spec, line_no, obj = pair_dataset.source.get(index)
     where = f"{spec.annotation}:{line_no}"
     media = []
-    for field, rel in _media_paths(obj):
-        path = resolve_media(spec.root, rel, where, field)
-        if not path.is_file():
-            raise RefCacheError(f"{where}: field '{field}': file not found: {path}")
-        media.append([field, _sha256_file(path)])
+    for field, value in _media_paths(obj):
+        media.append([field, _media_digest(spec.root, value, where, field)])
     record = {
         "question": obj.get("question"),
         "chosen": obj.get("chosen"),

@@ -16,6 +16,7 @@ the mega-batch scale. The longest batch goes first so an out-of-memory shows at 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 
@@ -33,9 +34,12 @@ def image_tiles_from_header(path, max_num: int, min_num: int, image_size: int, u
     Unreadable images count as one tile: the dataset itself reports them when it loads them.
     """
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except (FileNotFoundError, UnidentifiedImageError, OSError):
+        if isinstance(path, Image.Image):
+            width, height = path.size
+        else:
+            with Image.open(path) as im:
+                width, height = im.size
+    except (FileNotFoundError, UnidentifiedImageError, OSError, AttributeError, TypeError, ValueError):
         return 1
     cols, rows = choose_grid(width, height, min(min_num, max_num), max_num, image_size)
     n = cols * rows
@@ -62,16 +66,23 @@ def _record_tiles(pairs, spec, obj: dict) -> int:
     budget = spec.max_dynamic_patch or cfg.max_dynamic_patch
     per_image = max(1, budget // len(paths)) if len(paths) > 1 else budget
     total = 0
-    for rel in paths:
-        path = spec.root / rel if isinstance(rel, str) else None
-        total += (
-            image_tiles_from_header(
-                path, per_image, cfg.min_dynamic_patch, vision.image_size, cfg.use_thumbnail
-            )
-            if path
-            else 1
+    for value in paths:
+        total += image_tiles_from_header(
+            _header_source(spec.root, value), per_image, cfg.min_dynamic_patch, vision.image_size, cfg.use_thumbnail
         )
     return total
+
+
+def _header_source(root, value):
+    """What ``Image.open`` reads for one image: a path under ``root``, the bytes of a HF
+    ``datasets`` Image column, or the decoded image itself."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and value.get("bytes"):
+        return io.BytesIO(value["bytes"])
+    if isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    return root / value if isinstance(value, str) else None
 
 
 def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:

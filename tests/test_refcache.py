@@ -267,3 +267,50 @@ def test_precompute_two_processes_gloo(cache_dir, tiny_model_dir, small_data, tm
     assert set(dist.values) == set(single.values)
     for k, v in single.values.items():
         assert dist.values[k] == pytest.approx(v, abs=ATOL)
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_keys_of_images_held_in_a_datasets_table(tiny_model_dir, small_data, tmp_path, decode):
+    """Image bytes in a HF ``datasets`` table key like the files they came from (so a cache made
+    from JSONL serves its parquet copy); decoded images key by their pixels. Both follow content."""
+    import datasets
+
+    files = _pairs(tiny_model_dir, small_data["train"])
+    spec = files.source.specs[0]
+    rows = []
+    for i in range(4):
+        _, _, obj = files.source.get(i)
+        rows.append({**obj, "image": {"bytes": (spec.root / obj["image"]).read_bytes(), "path": None}})
+    rows[3]["image"] = rows[2]["image"]  # same question/answers as line 4, another image
+    rows[3].update({k: rows[2][k] for k in ("question", "chosen", "rejected")})
+    table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image(decode=decode))
+    table.save_to_disk(str(tmp_path / "t"))
+    meta = tmp_path / "meta.json"
+    meta.write_text(
+        json.dumps(
+            {spec.name: {"root": str(spec.root), "annotation": str(tmp_path / "t"), "max_dynamic_patch": 4}}
+        )
+    )
+    in_table = _pairs(tiny_model_dir, meta)
+    keys = [pair_key(in_table, i) for i in range(4)]
+    assert keys == [pair_key(in_table, i) for i in range(4)]  # deterministic
+    assert keys[2] == keys[3] and len(set(keys[:3])) == 3
+    if not decode:
+        assert keys[:3] == [pair_key(files, i) for i in range(3)]
+    changed = datasets.Dataset.from_list(rows[:1]).cast_column("image", datasets.Image(decode=decode))
+    other = tmp_path / "other.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(other)
+    changed = (
+        changed.cast_column("image", datasets.Image(decode=False))
+        .map(lambda r: {"image": {"bytes": other.read_bytes(), "path": None}})
+        .cast_column("image", datasets.Image(decode=decode))
+    )
+    changed.save_to_disk(str(tmp_path / "c"))
+    meta.write_text(
+        json.dumps(
+            {spec.name: {"root": str(spec.root), "annotation": str(tmp_path / "c"), "max_dynamic_patch": 4}}
+        )
+    )
+    assert pair_key(_pairs(tiny_model_dir, meta), 0) != keys[0]

@@ -66,6 +66,32 @@ def test_pair_lengths_match_encoded_lengths(mixed_pairs):
     assert len(set(real)) > 4
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_pair_lengths_read_images_held_in_a_datasets_table(mixed_pairs, tmp_path, decode):
+    """A HF ``datasets`` source holds images as bytes (decoded to PIL by default): the length
+    estimate reads their size there, as it does from files."""
+    import datasets
+
+    from mpo.data.pairs import PairDataset
+
+    root = mixed_pairs.source.specs[0].root
+    rows = []
+    for i in range(len(mixed_pairs)):
+        _, _, obj = mixed_pairs.source.get(i)
+        row = dict(obj)
+        row["image"] = (
+            {"bytes": (root / obj["image"]).read_bytes(), "path": None} if obj.get("image") else None
+        )
+        rows.append(row)
+    table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image(decode=decode))
+    table.save_to_disk(str(tmp_path / "t"))
+    in_table = PairDataset(
+        tmp_path / "t", mixed_pairs.encoder.template.tokenizer, mixed_pairs.encoder.vision, mixed_pairs.cfg
+    )
+    assert pair_lengths(in_table).tolist() == pair_lengths(mixed_pairs).tolist()
+    assert len(set(pair_lengths(in_table).tolist())) > 4
+
+
 def _padding_waste(order, lengths, bs):
     batches = [order[i : i + bs] for i in range(0, len(order), bs)]
     return sum(len(b) * max(lengths[j] for j in b) - sum(lengths[j] for j in b) for b in batches)
