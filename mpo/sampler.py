@@ -68,7 +68,11 @@ def _record_tiles(pairs, spec, obj: dict) -> int:
     total = 0
     for value in paths:
         total += image_tiles_from_header(
-            _header_source(spec.root, value), per_image, cfg.min_dynamic_patch, vision.image_size, cfg.use_thumbnail
+            _header_source(spec.root, value),
+            per_image,
+            cfg.min_dynamic_patch,
+            vision.image_size,
+            cfg.use_thumbnail,
         )
     return total
 
