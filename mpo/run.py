@@ -98,8 +98,14 @@ def build_trainer(cfg: ExperimentConfig):
 
     apply_freezing(model, cfg.model)
     if cfg.model.lora:
+        from transformers import set_seed
+
         from mpo.model.lora import apply_lora
 
+        # LoRA's A matrices are drawn at random here, before the Trainer seeds anything: seed now,
+        # so the same config gives the same adapters with or without DeepSpeed (whose set-up
+        # draws from the RNG too).
+        set_seed(args.seed)
         model = apply_lora(model, cfg.model.lora)
     ref_model = None
     if cfg.model.reference == "copy":

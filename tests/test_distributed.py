@@ -105,3 +105,59 @@ def test_two_ranks_match_single_process(common, single_process, tmp_path, stage,
         assert torch.equal(merged[name], tensor), name
         # ... and equal single-process training up to reduction-order noise (3 Adam steps of lr 1e-3).
         assert torch.allclose(tensor, reference[name], atol=3e-3), name
+
+
+def test_lora_under_zero3_matches_plain_lora(common, tmp_path):
+    """LoRA-MPO (reference = adapters off) in one ZeRO-3 process equals the same run without
+    DeepSpeed: losses, the saved adapters, and a merged export that loads."""
+    from safetensors.torch import load_file
+    from transformers import InternVLForConditionalGeneration
+
+    from mpo.model.cli import cmd_export
+
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    lora = [
+        *common,
+        "training.per_device_train_batch_size=2",
+        "training.learning_rate=1e-2",
+        "model.reference=lora_disabled",
+        "model.lora={target: both, r: 4, alpha: 8, dropout: 0.0}",
+    ]
+    script = [str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml"), *lora]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    plain, zero3 = tmp_path / "plain", tmp_path / "zero3"
+    subprocess.run(
+        [sys.executable, *script, f"training.output_dir={plain}"], check=True, capture_output=True, env=env
+    )
+    proc = subprocess.run(
+        [
+            launcher,
+            "--num_gpus",
+            "1",
+            "--master_port",
+            "29523",
+            *script,
+            f"training.output_dir={zero3}",
+            f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = _losses(plain), _losses(zero3)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step][0] == pytest.approx(a[step][0], rel=1e-5), step
+    assert a[3][0] != a[1][0]
+    ours, theirs = (
+        load_file(zero3 / "final" / "adapter_model.safetensors"),
+        load_file(plain / "final" / "adapter_model.safetensors"),
+    )
+    assert sorted(ours) == sorted(theirs) and len(ours) > 0
+    for name, tensor in theirs.items():
+        assert ours[name].shape == tensor.shape and torch.allclose(ours[name], tensor, atol=1e-5), name
+    assert any(t.abs().max() > 0 for n, t in ours.items() if "lora_B" in n)  # the adapters trained
+    assert cmd_export(["--merge-lora", str(zero3 / "final"), str(tmp_path / "merged")]) == 0
+    merged = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k for k in merged.state_dict())

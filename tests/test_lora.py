@@ -121,15 +121,9 @@ def test_disabled_adapters_give_the_base_model(tokenizer):
 @pytest.mark.slow
 def test_lora_mpo_trains_and_merged_export_matches(tiny_config, tmp_path):
     """LoRA-MPO with reference = base with adapters disabled; export merges; logits agree."""
-    from transformers import TrainingArguments
-
-    from mpo.data.collate import PairCollator
-    from mpo.data.pairs import PairDataset, VisionSpec
-    from mpo.loss import LossWeights
     from mpo.model.cli import cmd_export
     from mpo.model.convert import load_original_as_native
-    from mpo.model.loading import load_model, load_tokenizer
-    from mpo.trainer import MPOTrainer
+    from mpo.run import build_trainer
 
     cfg = tiny_config(
         "model.reference=lora_disabled",
@@ -138,21 +132,9 @@ def test_lora_mpo_trains_and_merged_export_matches(tiny_config, tmp_path):
         "training.save_steps=2",
         "training.learning_rate=1e-2",
     )
-    # As mpo.run.build_trainer does, plus apply_lora after freezing and no reference copy.
-    args = TrainingArguments(**cfg.training)
-    tokenizer = load_tokenizer(cfg.model.path)
-    model = apply_lora(load_model(cfg.model.path), cfg.model.lora)
-    vision = VisionSpec.from_model_config(model.config)
-    trainer = MPOTrainer(
-        model=model,
-        args=args,
-        ref_model=None,
-        train_dataset=PairDataset(cfg.data.meta_path, tokenizer, vision, cfg.data),
-        data_collator=PairCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        loss_weights=LossWeights.from_config(cfg.loss),
-        reference="lora_disabled",
-    )
+    trainer, _ = build_trainer(cfg)  # freezing, LoRA, no reference copy: the real path
+    assert trainer.ref_model is None
+    model = trainer.model
     trainer.train()
     assert trainer.state.global_step == 2
     logs = [r for r in trainer.state.log_history if "logps/chosen" in r]
