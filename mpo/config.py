@@ -89,6 +89,9 @@ class RunExtras:
     sample_num_prompts: int = 4
     sample_max_new_tokens: int = 32
     run_tags: list[str] = field(default_factory=list)  # wandb tags
+    # A fresh run into an output_dir that holds another run's metrics or checkpoints is refused
+    # unless this is set; then those outputs are deleted first (the demo sets it).
+    overwrite_output_dir: bool = False
 
 
 # TrainingArguments values we set unless the YAML says otherwise; MPO needs every batch column.

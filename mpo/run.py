@@ -65,6 +65,76 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
     return str(path)
 
 
+# Files and folders a run writes into its output_dir (what overwrite_output_dir deletes).
+RUN_OUTPUTS = (
+    "config.yaml",
+    "run_info.json",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "summary.json",
+    "data_skips.json",
+    "data_skips_eval.json",
+    "final",
+    "report",
+    "tensorboard",
+)
+STEP_LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON line per event, each with its "step"
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+
+
+def prepare_output_dir(out_dir: str, resume: str | None, overwrite: bool, is_main: bool) -> None:
+    """Keep one run per output_dir, with one consistent history.
+
+    A fresh run into a folder that holds another run's metrics or checkpoints is refused unless
+    ``overwrite`` (then that run's outputs are deleted). A resume from step N moves the logged
+    lines of steps after N (the interrupted run's, about to be redone) to ``<file>.before-resume-N``.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    if resume is None:
+        previous = [p.name for p in _checkpoints(out)] + [
+            n for n in ("metrics.jsonl", "final") if (out / n).exists()
+        ]
+        if not previous:
+            return
+        if not overwrite:
+            raise ConfigError(
+                f"training.output_dir {out} already holds a run ({', '.join(previous[:4])}): resume it with "
+                "training.resume_from_checkpoint=latest, pick another training.output_dir, or set "
+                "training.overwrite_output_dir=true to delete its outputs and start over"
+            )
+        if is_main:
+            for path in _checkpoints(out) + [out / n for n in RUN_OUTPUTS]:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        return
+    state = json.loads((Path(resume) / "trainer_state.json").read_text())
+    step = int(state["global_step"])
+    if not is_main:
+        return
+    for name in STEP_LOGS:
+        path = out / name
+        if not path.is_file():
+            continue
+        keep, later = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                record_step = json.loads(line).get("step", 0)
+            except (json.JSONDecodeError, AttributeError):
+                record_step = 0  # kept as it is: mpo report reports malformed lines
+            (later if isinstance(record_step, int) and record_step > step else keep).append(line)
+        if later:
+            with open(out / f"{name}.before-resume-{step}", "a") as f:
+                f.writelines(later)
+            path.write_text("".join(keep))
+
+
 def build_trainer(cfg: ExperimentConfig):
     """TrainingArguments, models, datasets and the MPOTrainer for ``cfg``; returns (trainer, resume)."""
     from transformers import TrainingArguments
@@ -91,6 +161,7 @@ def build_trainer(cfg: ExperimentConfig):
     # Created before from_pretrained so that ZeRO-3 can partition the weights as they load.
     args = TrainingArguments(**training)
     resume = resolve_resume(resume_value, args.output_dir)
+    prepare_output_dir(args.output_dir, resume, cfg.extras.overwrite_output_dir, args.should_save)
 
     tokenizer = load_tokenizer(cfg.model.path)
     model = load_model(cfg.model.path, cfg.model.torch_dtype, cfg.model.attn_implementation)

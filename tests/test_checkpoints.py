@@ -135,3 +135,36 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tiny_model_dir, 
     for step in range(9, 25):
         assert resumed[step][0] == pytest.approx(full[step][0], rel=1e-5, abs=1e-6), step
         assert resumed[step][1] == pytest.approx(full[step][1], rel=1e-6, abs=1e-9), step
+
+
+def test_fresh_run_into_a_used_output_dir(tiny_config):
+    """One run per output_dir: refused without overwrite_output_dir; with it, only run outputs go."""
+    from mpo.config import ConfigError
+
+    cfg = tiny_config("training.max_steps=2")
+    run_dir = Path(cfg.training["output_dir"])
+    run_training(cfg)
+    assert (run_dir / "checkpoint-2").is_dir()
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds a run .*overwrite_output_dir=true"):
+        build_trainer(tiny_config("training.max_steps=2"))
+    run_training(tiny_config("training.max_steps=1", "training.overwrite_output_dir=true"))
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert set(steps) == {1} and not (run_dir / "checkpoint-2").exists()
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_resume_moves_the_redone_steps_out_of_the_logs(tiny_config):
+    """After a resume from step 2, metrics.jsonl is one history: the killed run's steps 3-4 are
+    kept aside in metrics.jsonl.before-resume-2 and logged again by the resumed run."""
+    from mpo.run import prepare_output_dir
+
+    cfg = tiny_config("training.max_steps=4")
+    run_dir = Path(cfg.training["output_dir"])
+    run_training(cfg)
+    before = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    prepare_output_dir(str(run_dir), str(run_dir / "checkpoint-2"), overwrite=False, is_main=True)
+    kept = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    aside = [json.loads(x) for x in (run_dir / "metrics.jsonl.before-resume-2").read_text().splitlines()]
+    assert kept == [r for r in before if r["step"] <= 2] and kept
+    assert aside == [r for r in before if r["step"] > 2] and aside
