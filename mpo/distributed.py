@@ -53,7 +53,16 @@ def prepare_reference_for_deepspeed(ref_model: torch.nn.Module, accelerator) -> 
     ds_config = copy.deepcopy(plugin.deepspeed_config)
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage != 3:
-        return ref_model.to(accelerator.device)
+        # DeepSpeed casts the policy to its compute dtype; the reference must match, or
+        # π = πref at step 0 would not give zero log-ratios.
+        dtype = (
+            torch.bfloat16
+            if ds_config.get("bf16", {}).get("enabled") is True
+            else torch.float16
+            if ds_config.get("fp16", {}).get("enabled") is True
+            else None
+        )
+        return ref_model.to(device=accelerator.device, dtype=dtype)
     ds_config["zero_optimization"] = {
         "stage": 3,
         "stage3_param_persistence_threshold": 0,

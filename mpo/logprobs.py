@@ -39,12 +39,21 @@ def token_logps_brute_force(
     return (lp * mask).sum(-1)
 
 
+def _lockstep_max(n: int, device) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def response_logps(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     lm_head: torch.nn.Module,
     chunk_size: int = 4096,
     ignore_index: int = IGNORE_INDEX,
+    lockstep: bool = False,
 ) -> SequenceLogps:
     """Log-probs of trained tokens from final hidden states, LM head applied only there.
 
@@ -52,6 +61,9 @@ def response_logps(
         hidden: ``(N, L, H)`` last hidden states. labels: ``(N, L)``, ``ignore_index`` where untrained.
         lm_head: the output projection (tied to the embeddings in InternVL2.5-1B).
         chunk_size: positions per LM-head call; bounds the logits buffer to ``chunk x vocab``.
+        lockstep: every rank calls the LM head the same number of times (the most any rank
+            needs, empty chunks included). ZeRO-3 gathers a module's weights at each call, a
+            collective, so ranks with different response lengths would otherwise hang.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
@@ -59,7 +71,11 @@ def response_logps(
     selected = hidden[:, :-1][rows, cols]  # (T, H)
     tokens = targets[rows, cols]
     parts = []
-    for start in range(0, selected.shape[0], chunk_size):
+    n_chunks = -(-selected.shape[0] // chunk_size)
+    if lockstep:
+        n_chunks = _lockstep_max(max(n_chunks, 1), hidden.device)
+    for k in range(n_chunks):
+        start = k * chunk_size
         logits = lm_head(selected[start : start + chunk_size]).float()
         # log p(token) = logit[token] - logsumexp(logits): avoids a second (chunk, vocab) buffer.
         tok = tokens[start : start + chunk_size]
@@ -77,8 +93,25 @@ def image_features_once(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return out.pooler_output
 
 
-def pair_hidden_states(model, batch: dict) -> torch.Tensor:
-    """Last hidden states ``(2B, L, H)`` for a pair batch, the vision pass shared by both halves."""
+def idle_vision_term(model, like: torch.Tensor) -> torch.Tensor:
+    """``0 *`` the vision tower + projector on one blank tile, as a scalar of ``like``'s dtype.
+
+    Added to a text-only batch's embeddings under ``lockstep``: every rank then runs (and
+    back-propagates through) the same modules, which ZeRO-3's per-module gathers and the gradient
+    reduction need; InternVL's own trainer feeds a dummy image for the same reason.
+    """
+    size = model.config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    dtype = next(model.model.vision_tower.parameters()).dtype
+    blank = torch.zeros(1, 3, size, size, dtype=dtype, device=like.device)
+    return image_features_once(model, blank).sum().to(like.dtype) * 0
+
+
+def pair_hidden_states(model, batch: dict, lockstep: bool = False) -> torch.Tensor:
+    """Last hidden states ``(2B, L, H)`` for a pair batch, the vision pass shared by both halves.
+
+    ``lockstep``: a batch without images still runs the vision tower (``idle_vision_term``).
+    """
     core = model.model
     input_ids = batch["input_ids"]
     embeds = core.get_input_embeddings()(input_ids)
@@ -95,14 +128,22 @@ def pair_hidden_states(model, batch: dict) -> torch.Tensor:
                 "the tile count or tokens per tile do not match the model's vision config"
             )
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
+    elif lockstep:
+        embeds = embeds + idle_vision_term(model, embeds)
     out = core.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
     return out.last_hidden_state
 
 
-def batch_logps(model, batch: dict, chunk_size: int = 4096) -> SequenceLogps:
-    """Summed response log-probs of every row of a pair batch (see ``PairCollator``)."""
-    hidden = pair_hidden_states(model, batch)
-    return response_logps(hidden, batch["labels"], model.get_output_embeddings(), chunk_size)
+def batch_logps(model, batch: dict, chunk_size: int = 4096, lockstep: bool = False) -> SequenceLogps:
+    """Summed response log-probs of every row of a pair batch (see ``PairCollator``).
+
+    ``lockstep``: run the same modules the same number of times on every rank (data-parallel
+    training; see ``response_logps`` and ``idle_vision_term``).
+    """
+    hidden = pair_hidden_states(model, batch, lockstep)
+    return response_logps(
+        hidden, batch["labels"], model.get_output_embeddings(), chunk_size, lockstep=lockstep
+    )
 
 
 def naive_batch_logps(model, batch: dict) -> SequenceLogps:

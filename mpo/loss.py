@@ -30,7 +30,7 @@ def preference_loss(
     Args:
         chosen_logratios: Δc, ``(B,)``. rejected_logratios: Δr, ``(B,)``.
         kind: ``sigmoid`` (DPO), ``hinge`` (SLiC, relu(1 − β·(Δc − Δr))) or ``ipo``
-            ((Δc − Δr − 1/(2β))², per-token averaging left to the caller).
+            ((Δc − Δr − 1/(2β))²; ``mpo_loss`` passes per-token averaged log-ratios).
     """
     margin = chosen_logratios - rejected_logratios
     if kind == "sigmoid":
@@ -90,6 +90,8 @@ def mpo_loss(
     delta: float | torch.Tensor,
     w: LossWeights,
     sft_denominator: float | torch.Tensor | None = None,
+    rejected_num_tokens: torch.Tensor | None = None,
+    pair_denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The combined MPO loss (mean over pairs) and its detached metrics.
 
@@ -102,18 +104,31 @@ def mpo_loss(
         sft_denominator: tokens to divide the chosen NLL by; defaults to this batch's chosen
             token count. Data-parallel callers pass (global token count / world size) so the
             averaged gradient is that of the global token mean.
+        pair_denominator: pairs to divide the preference and quality sums by; defaults to this
+            batch's ``B`` (a mean). Data-parallel callers pass (global pairs / world size), so
+            ranks with fewer pairs (skipped samples) still give the global pair mean.
+        rejected_num_tokens: trained tokens per rejected response, ``(B,)``; with
+            ``preference_type=ipo`` both log-ratios are averaged per token (as TRL 1.16 does, the
+            form the IPO authors report), so it is required there.
     """
     ref_chosen_logps = ref_chosen_logps.to(policy_chosen_logps.dtype)
     ref_rejected_logps = ref_rejected_logps.to(policy_rejected_logps.dtype)
     chosen_lr = policy_chosen_logps - ref_chosen_logps
     rejected_lr = policy_rejected_logps - ref_rejected_logps
     zero = policy_chosen_logps.sum() * 0
+    pref_c, pref_r = chosen_lr, rejected_lr
+    if w.preference_type == "ipo":
+        if rejected_num_tokens is None:
+            raise ValueError("preference_type=ipo averages log-ratios per token: pass rejected_num_tokens")
+        pref_c = chosen_lr / chosen_num_tokens.clamp(min=1).to(chosen_lr.dtype)
+        pref_r = rejected_lr / rejected_num_tokens.clamp(min=1).to(rejected_lr.dtype)
+    pairs = chosen_lr.shape[0] if pair_denominator is None else pair_denominator
     l_p = (
-        preference_loss(chosen_lr, rejected_lr, w.beta, w.preference_type, w.label_smoothing).mean()
+        preference_loss(pref_c, pref_r, w.beta, w.preference_type, w.label_smoothing).sum() / pairs
         if w.preference_weight
         else zero
     )
-    l_q = bco_pair_loss(chosen_lr, rejected_lr, w.beta, delta).mean() if w.quality_weight else zero
+    l_q = bco_pair_loss(chosen_lr, rejected_lr, w.beta, delta).sum() / pairs if w.quality_weight else zero
     if not w.generation_weight:
         l_g = zero
     elif sft_denominator is None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpo.logprobs import SequenceLogps, image_features_once, response_logps
+from mpo.logprobs import SequenceLogps, idle_vision_term, image_features_once, response_logps
 
 
 @dataclass
@@ -94,7 +94,7 @@ def pack_pairs(
     return PackedPairs(ids, pos, mask.unsqueeze(1), gather)
 
 
-def shared_prompt_hidden_states(model, batch: dict) -> torch.Tensor:
+def shared_prompt_hidden_states(model, batch: dict, lockstep: bool = False) -> torch.Tensor:
     """Last hidden states ``(2B, L, H)`` laid out like the plain batch, computed from packed rows."""
     core = model.model
     attn = model.config.text_config._attn_implementation
@@ -118,6 +118,8 @@ def shared_prompt_hidden_states(model, batch: dict) -> torch.Tensor:
                 f"image tokens in the shared prefixes ({int(mask.sum())}) and image features ({feats.shape[0]}) disagree"
             )
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
+    elif lockstep:
+        embeds = embeds + idle_vision_term(model, embeds)
     out = core.language_model(
         inputs_embeds=embeds,
         attention_mask=packed.attention_mask,
@@ -130,7 +132,11 @@ def shared_prompt_hidden_states(model, batch: dict) -> torch.Tensor:
     return hidden[rows.unsqueeze(1), packed.gather_index]
 
 
-def shared_prompt_batch_logps(model, batch: dict, chunk_size: int = 4096) -> SequenceLogps:
+def shared_prompt_batch_logps(
+    model, batch: dict, chunk_size: int = 4096, lockstep: bool = False
+) -> SequenceLogps:
     """Same result as ``mpo.logprobs.batch_logps``, the prompt computed once per pair."""
-    hidden = shared_prompt_hidden_states(model, batch)
-    return response_logps(hidden, batch["labels"], model.get_output_embeddings(), chunk_size)
+    hidden = shared_prompt_hidden_states(model, batch, lockstep)
+    return response_logps(
+        hidden, batch["labels"], model.get_output_embeddings(), chunk_size, lockstep=lockstep
+    )

@@ -26,6 +26,14 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _chosen_trained_tokens(batch: dict) -> int:
+    """Trained tokens in the chosen rows (the first ``num_pairs``) of a collated pair batch."""
+    n = batch.get("num_pairs") or 0
+    if not n:
+        return 0
+    return int((batch["labels"][:n, 1:] != -100).sum())
+
+
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _dist_ready():
         t = t.clone()
@@ -89,6 +97,10 @@ class MPOTrainer(Trainer):
         self.reward_shift = RewardShift()
         # Skips and truncations of the batches this rank consumed (mpo.data.events).
         self.data_events = {"train": DataEvents(), "eval": DataEvents()}
+        self._sft_window: dict[str, float] | None = None  # set per optimizer step (get_batch_samples)
+        # Our compute_loss takes no token count from the Trainer (get_batch_samples makes its own):
+        # this also keeps the Trainer from gathering one only on ranks whose batch has labels.
+        self.model_accepts_loss_kwargs = False
         self._stored: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -123,7 +135,7 @@ class MPOTrainer(Trainer):
         return ref_model.to(self.args.device)
 
     @torch.no_grad()
-    def reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(self, model, inputs, lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of the chosen and rejected rows, ``(B,)`` each."""
         if self.reference == "cache":
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -133,12 +145,14 @@ class MPOTrainer(Trainer):
                 was_training = policy.training
                 policy.eval()
                 try:
-                    out = self._logps(policy.base_model.model, inputs, self.logprob_chunk_size)
+                    out = self._logps(
+                        policy.base_model.model, inputs, self.logprob_chunk_size, lockstep=lockstep
+                    )
                 finally:
                     policy.train(was_training)
             return out.split()
         ref = self.ref_model.module if hasattr(self.ref_model, "module") else self.ref_model
-        return self._logps(ref, inputs, self.logprob_chunk_size).split()
+        return self._logps(ref, inputs, self.logprob_chunk_size, lockstep=lockstep).split()
 
     # ---- loss ------------------------------------------------------------------------------
     def _policy(self, model):
@@ -146,40 +160,88 @@ class MPOTrainer(Trainer):
         # peft wraps the InternVL model; the forward needs InternVL's own modules.
         return unwrapped.base_model.model if hasattr(unwrapped, "disable_adapter") else unwrapped
 
+    def _placeholder_batch(self) -> dict[str, torch.Tensor]:
+        """One text pair with no trained token: what a rank runs when all its pairs were skipped."""
+        pad = self.processing_class.pad_token_id if self.processing_class is not None else 0
+        device = self.args.device
+        ids = torch.full((2, 2), int(pad or 0), dtype=torch.long, device=device)
+        zeros = torch.zeros(1, dtype=torch.float64, device=device)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.full_like(ids, -100),
+            "num_pairs": 1,
+            "ref_chosen_logps": zeros,
+            "ref_rejected_logps": zeros,
+        }
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The optimizer step's micro-batches, and the loss denominators: chosen-response tokens
+        and pairs over the whole step (every micro-batch on every rank), so ``L_g`` is one token
+        mean and ``L_p``, ``L_q`` one pair mean however the global batch is split into ranks and
+        accumulation steps, and whichever pairs were skipped."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = torch.tensor(
+            [sum(_chosen_trained_tokens(b) for b in batches), sum(b.get("num_pairs") or 0 for b in batches)],
+            dtype=torch.float64,
+            device=self.args.device,
+        )
+        tokens, pairs = _all_reduce_sum(counts).tolist()
+        self._sft_window = {"tokens": tokens, "pairs": pairs, "micro_batches": max(len(batches), 1)}
+        return batches, None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         train_eval = "train" if model.training else "eval"
         self.data_events[train_eval].add(inputs.pop(EVENTS_KEY, None))
-        if not inputs.get("num_pairs"):
-            # Every pair of this micro-batch was a counted, skipped bad sample. A zero that still
-            # touches each trainable parameter keeps gradient hooks (and other ranks) in step.
-            zero = sum((p.sum() * 0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
-            return (zero, {}) if return_outputs else zero
-        policy = self._policy(model)
-        out = self._logps(policy, inputs, self.logprob_chunk_size)
+        # Data-parallel ranks must run the same modules and collectives in the same order, even
+        # when this rank's pairs were all skipped (ZeRO-3 gathers weights per module call).
+        lockstep = _dist_ready()
+        real = bool(inputs.get("num_pairs"))
+        if not real:
+            inputs = self._placeholder_batch()
+        with self.accelerator.autocast():  # bf16/fp16 without DeepSpeed: we call submodules directly
+            out = self._logps(self._policy(model), inputs, self.logprob_chunk_size, lockstep=lockstep)
+            ref_chosen, ref_rejected = self.reference_logps(model, inputs, lockstep)
         chosen_logps, rejected_logps = out.split()
         half = chosen_logps.shape[0]
-        ref_chosen, ref_rejected = self.reference_logps(model, inputs)
         beta = self.loss_weights.beta
         if train_eval == "train":
             # δ is updated with this micro-batch's rewards from every rank before the loss (facts §5).
             rewards = beta * torch.cat([chosen_logps - ref_chosen, rejected_logps - ref_rejected]).detach()
+            count = rewards.numel() if real else 0
             stats = _all_reduce_sum(
                 torch.stack(
                     [
-                        rewards.double().sum(),
-                        torch.tensor(rewards.numel(), dtype=torch.float64, device=rewards.device),
+                        rewards.double().sum() * float(real),
+                        torch.tensor(count, dtype=torch.float64, device=rewards.device),
                     ]
                 )
             )
-            self.reward_shift.update(stats[0].item(), int(stats[1].item()))
+            if stats[1].item() > 0:
+                self.reward_shift.update(stats[0].item(), int(stats[1].item()))
         delta = self.reward_shift.value
         chosen_nll = -chosen_logps
         chosen_tokens = out.num_tokens[:half]
-        sft_denominator = None
-        if _dist_ready():
-            # Token mean over the global batch: ranks average gradients, so divide by T_global / world.
-            total = _all_reduce_sum(chosen_tokens.sum().to(torch.float64))
-            sft_denominator = (total / dist.get_world_size()).clamp(min=1).to(chosen_nll.dtype)
+        world = dist.get_world_size() if _dist_ready() else 1
+        window = self._sft_window if train_eval == "train" else None
+        sft_denominator = pair_denominator = None
+        if window is not None:
+            # Ranks' gradients are averaged and micro-batch losses divided by their number: these
+            # denominators make the step's gradient that of Σ over its pairs / tokens.
+            scale = world * window["micro_batches"]
+            sft_denominator, pair_denominator = window["tokens"] / scale, window["pairs"] / scale
+        elif lockstep:
+            counts = torch.stack(
+                [
+                    chosen_tokens.sum().to(torch.float64) * float(real),
+                    torch.tensor(float(half * real), dtype=torch.float64, device=chosen_tokens.device),
+                ]
+            )
+            tokens, pairs = (_all_reduce_sum(counts) / world).tolist()
+            sft_denominator, pair_denominator = tokens, pairs
+        if sft_denominator is not None:
+            sft_denominator = torch.as_tensor(sft_denominator, dtype=chosen_nll.dtype).clamp(min=1e-9)
+            pair_denominator = max(pair_denominator, 1e-9)
         loss, metrics = mpo_loss(
             chosen_logps,
             rejected_logps,
@@ -190,19 +252,34 @@ class MPOTrainer(Trainer):
             delta,
             self.loss_weights,
             sft_denominator,
+            rejected_num_tokens=out.num_tokens[half:],
+            pair_denominator=pair_denominator,
         )
-        self._store_metrics(metrics, train_eval)
-        if train_eval == "train":
+        self._store_metrics(metrics, train_eval, real)
+        if not real:
+            if train_eval == "eval" and not lockstep:
+                # Nothing to evaluate in this batch: NaN is left out of eval_loss (logging_nan_inf_filter).
+                loss = torch.full_like(loss, float("nan"))
+            else:
+                # Contributes 0 to the ranks' mean, still through every module this rank ran, so
+                # its gradient hooks fire.
+                loss = loss * 0
+        elif train_eval == "train":
             self._throughput["tokens"] += int(inputs["attention_mask"].sum())
             self._throughput["pairs"] += half
         return (loss, metrics) if return_outputs else loss
 
-    def _store_metrics(self, metrics: dict[str, torch.Tensor], train_eval: str) -> None:
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], train_eval: str, real: bool = True) -> None:
+        """Mean over the ranks that had pairs (every rank joins the all-reduce)."""
         keys = sorted(metrics)
-        vec = torch.stack([metrics[k].float() for k in keys])
+        device = metrics[keys[0]].device
+        flag = torch.tensor(float(real), device=device)
+        vec = torch.stack([metrics[k].detach().float() * flag for k in keys] + [flag])
         if _dist_ready():
-            vec = _all_reduce_sum(vec) / dist.get_world_size()
-        for k, v in zip(keys, vec.tolist()):
+            vec = _all_reduce_sum(vec.to(self.args.device))
+        if vec[-1].item() == 0:
+            return
+        for k, v in zip(keys, (vec[:-1] / vec[-1]).tolist()):
             self._stored[train_eval][k].append(v)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -314,7 +391,10 @@ class MPOTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint:
             self.load_mpo_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self._sft_window = None  # later compute_loss calls are not part of an optimizer step
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -179,3 +179,45 @@ def test_collating_real_pairs_keeps_each_pairs_tokens(tmp_path, tokenizer):
         lab = item[f"{key}_labels"]
         assert torch.equal(batch["labels"][row, :n], torch.where(lab == IGNORE_INDEX, -7, lab))
     assert batch["pixel_values"].shape == (1, 3, 28, 28)
+
+
+class NewlineMergingTokenizer:
+    """Stands in for Qwen2's BPE where it matters here: a run of newlines is one token, so
+    "assistant\\n" followed by an answer that starts with "\\n" does not end on the prefix's "\\n"."""
+
+    SPECIAL = ("<|im_start|>", "<|im_end|>")
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {t: i for i, t in enumerate(self.SPECIAL)}
+
+    def _id(self, piece: str) -> int:
+        return self.vocab.setdefault(piece, len(self.vocab))
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        import re
+
+        pieces = re.findall(r"<\|im_(?:start|end)\|>|\n+|[^\n<]+|<", text)
+        return {"input_ids": [self._id(p) for p in pieces]}
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self._id(token)
+
+    def decode(self, ids: list[int]) -> str:
+        inverse = {i: t for t, i in self.vocab.items()}
+        return "".join(inverse[i] for i in ids)
+
+
+def test_answer_starting_with_newline_keeps_prefix_masked_and_answer_trained():
+    from mpo.data.template import ASSISTANT_PREFIX, TemplateEncoder
+
+    tok = NewlineMergingTokenizer()
+    enc = TemplateEncoder(tok)
+    joint = tok(ASSISTANT_PREFIX + "\nStep 1<|im_end|>\n")["input_ids"]
+    assert joint[: len(enc.prefix_ids)] != enc.prefix_ids  # the merge this guards against
+    ids, labels = enc.encode_answer("\nStep 1")
+    n = len(enc.prefix_ids)
+    assert ids[:n] == enc.prefix_ids and labels[:n] == [IGNORE_INDEX] * n
+    assert tok.decode(ids) == ASSISTANT_PREFIX + "\nStep 1<|im_end|>\n"
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "\nStep 1<|im_end|>"
+    plain_ids, plain_labels = enc.encode_answer("Step 1")  # no merge: the joint tokens as before
+    assert plain_ids == tok(ASSISTANT_PREFIX + "Step 1<|im_end|>\n")["input_ids"]

@@ -161,3 +161,73 @@ def test_lora_under_zero3_matches_plain_lora(common, tmp_path):
     assert cmd_export(["--merge-lora", str(zero3 / "final"), str(tmp_path / "merged")]) == 0
     merged = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
+
+
+def _uneven_data(demo_data, tmp_path) -> Path:
+    """8 pairs: 5 with images, 2 text-only with long answers, 1 bad (missing image)."""
+    demo_meta = Path(demo_data["train"])
+    spec = next(iter(json.loads(demo_meta.read_text()).values()))
+    root = (demo_meta.parent / spec["root"]).resolve()
+    lines = (root / spec["annotation"]).read_text().splitlines()[:5]
+    long_answer = " ".join(["the", "answer", "is", "long"] * 6)
+    lines += [
+        json.dumps({"question": "Say something long.", "chosen": long_answer, "rejected": "No."}),
+        json.dumps({"question": "And again?", "chosen": "Short.", "rejected": long_answer}),
+        json.dumps({**json.loads(lines[0]), "image": "images/missing.png"}),
+    ]
+    (tmp_path / "uneven.jsonl").write_text("\n".join(lines) + "\n")
+    meta = tmp_path / "uneven.json"
+    meta.write_text(json.dumps({"uneven": {"root": str(root), "annotation": str(tmp_path / "uneven.jsonl")}}))
+    return meta
+
+
+def test_zero3_ranks_with_skipped_and_text_only_pairs_match_one_process(common, demo_data, tmp_path):
+    """One pair per rank, so a skipped pair leaves a rank with nothing, a text-only pair meets an
+    image pair, and responses need different numbers of LM-head chunks: ZeRO-3 ranks must still
+    run the same modules (no hang) and give the single process's per-step losses."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    meta = _uneven_data(demo_data, tmp_path)
+    args = [
+        *common,
+        f"data.meta_path={meta}",
+        "data.on_bad_sample=skip",
+        "data.max_bad_fraction=0.5",
+        "model.logprob_chunk_size=3",
+        "training.max_steps=4",
+        "training.save_strategy=no",
+    ]
+    script = [str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml"), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, *script, "training.per_device_train_batch_size=2", f"training.output_dir={one}"],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
+    proc = subprocess.run(
+        [
+            launcher,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "29527",
+            *script,
+            "training.per_device_train_batch_size=1",
+            f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}",
+            f"training.output_dir={two}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,  # a rank waiting in a collective the other never reaches would hang here
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step][0] == pytest.approx(a[step][0], rel=1e-4), step
+        assert b[step][1] == pytest.approx(a[step][1], rel=1e-4, abs=1e-7), step
+    skips = json.loads((two / "data_skips.json").read_text())
+    assert skips["skipped"] == {"missing_image": 1} and skips["seen"] == 8

@@ -196,6 +196,22 @@ def test_full_mpo_matches_trl_loss_list_at_zero_delta(logps_batch):
     assert abs(shifted.item() - trl.item()) > 1e-4
 
 
+def test_ipo_averages_per_token_like_trl(logps_batch):
+    """IPO's squared target 1/(2β) is on per-token log-ratios (TRL 1.16, the IPO authors' form)."""
+    per_token, mask, seq, ref, b = logps_batch
+    trl = _trl_loss(["ipo"], [1.0], per_token, mask, ref[:b], ref[b:])
+    tokens = mask.sum(1)
+    w = LossWeights(preference_type="ipo", preference_weight=1.0, quality_weight=0.0, generation_weight=0.0)
+    ours, _ = mpo_loss(
+        seq[:b], seq[b:], ref[:b], ref[b:], -seq[:b], tokens[:b], 0.0, w, rejected_num_tokens=tokens[b:]
+    )
+    assert ours.item() == pytest.approx(trl.item(), rel=1e-6)
+    summed = preference_loss(seq[:b] - ref[:b], seq[b:] - ref[b:], 0.1, "ipo").mean()
+    assert abs(summed.item() - trl.item()) > 1e-3  # the unnormalised form is a different loss
+    with pytest.raises(ValueError, match="rejected_num_tokens"):
+        mpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], -seq[:b], tokens[:b], 0.0, w)
+
+
 def test_unknown_preference_type_raises():
     with pytest.raises(ValueError, match="unknown preference loss"):
         preference_loss(torch.zeros(1), torch.zeros(1), 0.1, "nope")

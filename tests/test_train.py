@@ -206,3 +206,47 @@ def test_shared_prompt_refuses_flash_attention(tiny_config):
 
     with pytest.raises(ConfigError, match="model.shared_prompt"):
         tiny_config("model.shared_prompt=true", "model.attn_implementation=flash_attention_2")
+
+
+def test_loss_terms_do_not_depend_on_how_the_step_is_split(tiny_config, tmp_path):
+    """One optimizer step of 4 pairs as 1 micro-batch of 4 or 2 micro-batches of 2: the SFT term
+    is the step's token mean and the preference term its pair mean either way (answers of 1 to
+    20+ tokens: any split into two micro-batches has unequal token counts, so a mean of
+    per-micro-batch token means would differ)."""
+    words = ["red", "The shape is a circle", "blue square on a white background with a dot", "yes " * 20]
+    rows = [{"question": f"q{i}", "chosen": w, "rejected": "no"} for i, w in enumerate(words)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logs = {}
+    for micro, accum in ((4, 1), (2, 2)):
+        out = tmp_path / f"run{micro}x{accum}"
+        cfg = tiny_config(
+            f"data.meta_path={data}",
+            "data.eval_meta_path=null",
+            "training.max_steps=1",
+            "training.save_strategy=no",
+            f"training.per_device_train_batch_size={micro}",
+            f"training.gradient_accumulation_steps={accum}",
+            f"training.output_dir={out}",
+        )
+        run_training(cfg)
+        logs[accum] = _train_logs(out)[1]
+    for key in ("loss/sft", "loss/dpo", "logps/chosen"):
+        assert logs[2][key] == pytest.approx(logs[1][key], rel=1e-5), key
+    assert logs[1]["loss/sft"] > 0
+
+
+def test_bf16_without_deepspeed_runs_the_forward_in_bf16(tiny_config):
+    """transformers autocasts ``model.forward``; our loss calls submodules, so it autocasts itself."""
+    trainer, _ = build_trainer(tiny_config("training.bf16=true"))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    seen = []
+    layer = trainer.model.model.language_model.layers[0].mlp
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert torch.isfinite(loss)

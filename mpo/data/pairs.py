@@ -26,6 +26,9 @@ from PIL import Image, UnidentifiedImageError
 from mpo.data.mmpr import DataError, DatasetSpec, MixedSource, read_meta
 from mpo.data.template import (
     IGNORE_INDEX,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
     TemplateEncoder,
     TemplateError,
     expand_image_placeholders,
@@ -133,6 +136,10 @@ def _media_list(obj: dict, where: str) -> tuple[str, list[Any]]:
     return "image", [image]
 
 
+# Structural tokens the template and the image expansion insert; never taken from the data.
+RESERVED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>")
+
+
 class PairEncoder:
     """Turns a parsed MMPR record into model inputs for the chosen and rejected answers."""
 
@@ -198,6 +205,16 @@ class PairEncoder:
             raise SampleError(
                 f"{where}: fields 'chosen' and 'rejected' are identical", "chosen_equals_rejected"
             )
+        for field, text in (("question", question), ("chosen", chosen), ("rejected", rejected)):
+            found = next((t for t in RESERVED_TOKENS if t in text), None)
+            if found:
+                # The tokenizer would read it as the special token: image features land in the
+                # wrong place, or a turn ends early.
+                raise SampleError(
+                    f"{where}: field '{field}' contains the reserved token {found!r} "
+                    "(the template inserts these itself)",
+                    "reserved_token",
+                )
         kind, pixel_values, tiles = self.images(spec, obj, where)
         try:
             if kind == "video":

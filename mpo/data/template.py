@@ -122,8 +122,12 @@ class TemplateEncoder:
         """
         ids = self._encode(assistant_turn(answer))
         n = len(self.prefix_ids)
-        # Masking by prefix length is only right when the turn starts with the prefix's tokens.
-        if ids[:n] != self.prefix_ids or len(ids) < n + 2:
+        if ids[:n] != self.prefix_ids:
+            # The answer's first characters merged with the prefix's "\n" (Qwen2's BPE joins runs
+            # of newlines): keep the prefix's own tokens and the answer's, so the prefix is masked
+            # and the whole answer stays trained.
+            ids = self.prefix_ids + self._encode(assistant_turn(answer)[len(ASSISTANT_PREFIX) :])
+        if len(ids) < n + 2:
             raise TemplateError(
                 "assistant answer does not tokenize after the '<|im_start|>assistant\\n' prefix"
             )
