@@ -1,8 +1,18 @@
 """The ``mpo`` command: training and the tools around it.
 
-mpo train --config X [key.sub=value ...]
-mpo make-tiny OUT_DIR                 build the tiny test/demo InternVL + tokenizer
-mpo summary RUN_DIR                   print a finished run's summary
+mpo train --config X [key.sub=value ...]    train (also: python/deepspeed train/train_mpo.py)
+mpo data check --config X                   validate every line; counts, tiles, lengths, skips
+mpo data inspect --config X --index I       one pair exactly as the model sees it
+mpo precompute-ref --config X model.ref_cache=DIR   cache reference log-probs (reference=cache)
+mpo report RUN_DIR                          HTML report + plots from metrics.jsonl, with a verdict
+mpo summary RUN_DIR                         a finished run's summary
+mpo generate --model DIR --image X --question Q     greedy answer from a model
+mpo consolidate CKPT OUT                    ZeRO shards -> one HF-format model
+mpo convert --to native|original IN OUT     checkpoint format conversion
+mpo export [--merge-lora] CKPT OUT          a deployable folder (LoRA merged)
+mpo make-tiny OUT_DIR                       build the tiny test/demo InternVL + tokenizer
+
+`mpo COMMAND --help` describes each.
 """
 
 from __future__ import annotations

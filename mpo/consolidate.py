@@ -52,7 +52,27 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
     for name in TOKENIZER_FILES:
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, out / name)
+    # The same serving files as a run's final/: chat template with the run's system prompt,
+    # generation config, image processor settings, model card.
+    from mpo.model.export import write_export_metadata
+
+    step = ckpt.name.rsplit("-", 1)[-1]
+    summary = {"global_step": int(step)} if step.isdigit() else {}
+    write_export_metadata(out, _run_config(ckpt.parent), summary, extra={"consolidated_from": str(ckpt)})
     return out
+
+
+def _run_config(run_dir: Path):
+    """The run's resolved config.yaml (for the system prompt and tile budget), if readable."""
+    from mpo.config import ConfigError, load_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_config(str(path), [])
+    except (ConfigError, OSError, ValueError):
+        return None
 
 
 def cmd_consolidate(argv: list[str]) -> int:

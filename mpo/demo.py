@@ -49,17 +49,19 @@ def make_pair(rng: random.Random, image_rel: str, color: str, background: str) -
         question = "<image>\nWhat color is the shape? Answer with one word."
         chosen = f"The shape is {color}."
         rejected = f"The shape is {wrong}."
+        answer = color
     else:
         wrong = rng.choice([b for b in BACKGROUNDS if b != background])
         question = "What color is the background?"  # no placeholder: the loader prefixes "<image>\n"
         chosen = f"The background is {background}."
         rejected = f"The background is {wrong}."
+        answer = background
     return {
         "image": image_rel,
         "question": question,
         "chosen": chosen,
         "rejected": rejected,
-        "answer_gt": color,
+        "answer_gt": answer,
     }
 
 

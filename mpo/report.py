@@ -360,7 +360,26 @@ def check_no_eval(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
+def check_steps_go_back(m: RunMetrics, s: LossSettings) -> list[Finding]:
+    steps = [r.get("step") for r in m.train]
+    for i in range(1, len(steps)):
+        if isinstance(steps[i], int) and isinstance(steps[i - 1], int) and steps[i] < steps[i - 1]:
+            return [
+                Finding(
+                    "warn",
+                    "mixed_runs",
+                    "metrics.jsonl holds more than one run",
+                    f"The training step goes back from {steps[i - 1]} to {steps[i]} (train record {i + 1}): "
+                    "another run was written into the same output_dir, so the curves mix runs.",
+                    "Give each run its own training.output_dir (internvl-mpo refuses a used one unless "
+                    "training.overwrite_output_dir=true, which clears it first).",
+                )
+            ]
+    return []
+
+
 CHECKS = (
+    check_steps_go_back,
     check_nonfinite,
     check_loss_zero,
     check_initial_loss,

@@ -251,7 +251,13 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         "truncated_train_responses": dict(train_events.truncated),
     }
     if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate()
+        # The Trainer may have just evaluated at the last step (eval_steps dividing max_steps).
+        last = [
+            h
+            for h in trainer.state.log_history
+            if "eval_loss" in h and h.get("step") == trainer.state.global_step
+        ]
+        metrics = last[-1] if last else trainer.evaluate()
         summary["eval"] = {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}
         eval_events = trainer.total_data_events("eval")
         if main:

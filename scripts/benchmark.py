@@ -33,7 +33,7 @@ backward) and its reference again on twice the tiles; ours runs it once per pair
 reference cache runs no reference forward and holds no reference model at all. So the gain
 scales with the vision tower's share of the compute: with V and L the forward cost of the
 vision tower and of the LLM (both rows) per pair, TRL costs about 8V + 4L, ours 4V + 4L without
-and 3V + 3L with the cache (with V = 1.35 L: 2.1x and 1.6x, the figures to expect on CUDA,
+and 3V + 3L with the cache (with V = 1.35 L: 1.6x without and 2.1x with the cache, the figures to expect on CUDA,
 where TRL's LM head is response-only too). Under load from other processes wall-clock figures are noisy; each
 run also reports pairs per CPU-second and the 1-minute load average.
 

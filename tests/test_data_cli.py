@@ -235,3 +235,13 @@ def test_check_100k_lines_memory_flat(tmp_path, tiny_model_dir):
     )
     assert control_per_line > 200  # the measurement sees per-line memory when there is some
     assert per_line < 50, peaks
+
+
+def test_unreachable_hub_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """A hub id with no network and no local copy: one `error:` line, not a traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = write_config(tmp_path, "nobody-here/no-such-model", GOOD)
+    rc, _, err = run(capsys, ["data", "check", "--config", str(cfg)])
+    assert rc == 2
+    assert err.startswith("error: model.path nobody-here/no-such-model: cannot load it")
+    assert "Traceback" not in err

@@ -105,6 +105,16 @@ def test_two_ranks_match_single_process(common, single_process, tmp_path, stage,
         assert torch.equal(merged[name], tensor), name
         # ... and equal single-process training up to reduction-order noise (3 Adam steps of lr 1e-3).
         assert torch.allclose(tensor, reference[name], atol=3e-3), name
+    # The consolidated folder serves like final/: same chat template, processor and generation files.
+    for name in ("chat_template.jinja", "preprocessor_config.json", "tokenizer.json"):
+        assert (tmp_path / "consolidated" / name).read_text() == (out / "final" / name).read_text(), name
+    gen = [
+        json.loads((d / "generation_config.json").read_text())
+        for d in (tmp_path / "consolidated", out / "final")
+    ]
+    for key in ("eos_token_id", "pad_token_id", "do_sample"):
+        assert gen[0][key] == gen[1][key], key
+    assert "checkpoint-3" in (tmp_path / "consolidated" / "README.md").read_text()
 
 
 def test_lora_under_zero3_matches_plain_lora(common, tmp_path):

@@ -212,3 +212,14 @@ def test_expected_initial_loss_matches_synthetic_definition(tmp_path, kind):
     assert first["loss"] == pytest.approx(
         0.8 * math.log(2) + 0.2 * 2 * math.log(2) + first["loss/sft"], abs=1e-12
     )
+
+
+def test_two_runs_in_one_metrics_file_are_flagged(tmp_path):
+    single = write_run(tmp_path, "healthy")
+    assert "mixed_runs" not in levels(verdict(single), "warn")
+    rows = (single / "metrics.jsonl").read_text()
+    (single / "metrics.jsonl").write_text(rows + rows)  # a second run appended to the first
+    found = [f for f in verdict(single) if f.check == "mixed_runs"]
+    assert len(found) == 1 and found[0].level == "warn"
+    last = synthetic_run("healthy")[-1]["step"]
+    assert f"goes back from {last} to {synthetic_run('healthy')[0]['step']}" in found[0].detail

@@ -38,7 +38,12 @@ def vision_spec_for(model_path: str):
             return VisionSpec(image_size=int(size), tokens_per_tile=tokens)
     from transformers import AutoConfig
 
-    return VisionSpec.from_model_config(AutoConfig.from_pretrained(model_path))
+    from mpo.model.loading import unreachable
+
+    try:
+        return VisionSpec.from_model_config(AutoConfig.from_pretrained(model_path))
+    except OSError as exc:
+        raise unreachable(model_path, exc) from exc
 
 
 def _setup(argv: list[str], prog: str, extra) -> tuple[argparse.Namespace, Any, Any, Any]:
@@ -151,6 +156,7 @@ def cmd_check(argv: list[str]) -> int:
         p.add_argument("--out", default=None, help="also write data_skips[_eval].json into this folder")
 
     from mpo.config import ConfigError
+    from mpo.model.loading import ModelLoadError
 
     try:
         args, cfg, tokenizer, vision = _setup(argv, "mpo data check", extra)
@@ -174,7 +180,7 @@ def cmd_check(argv: list[str]) -> int:
                 )
             else:
                 print(f"[{split}] " + _format_check(res))
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0 if ok else 1
@@ -217,6 +223,7 @@ def cmd_inspect(argv: list[str]) -> int:
     from mpo.config import ConfigError
     from mpo.data.pairs import PairDataset
     from mpo.data.template import IGNORE_INDEX
+    from mpo.model.loading import ModelLoadError
 
     try:
         args, cfg, tokenizer, vision = _setup(argv, "mpo data inspect", extra)
@@ -243,7 +250,7 @@ def cmd_inspect(argv: list[str]) -> int:
                     inspect_pair(pair, tokenizer, vision.tokens_per_tile, IGNORE_INDEX), ensure_ascii=False
                 )
             )
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -38,9 +38,21 @@ def check_model_path(path: str) -> None:
         )
 
 
+def unreachable(path: str, exc: OSError) -> ModelLoadError:
+    """A clear error for a checkpoint that cannot be read (a hub id offline, a private repo, ...)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(
+        f"model.path {path}: cannot load it ({first}). A hub id needs access to huggingface.co or a "
+        "copy in the local Hugging Face cache; otherwise point model.path at a local folder"
+    )
+
+
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer; never runs remote code (original-format folders name some)."""
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except OSError as exc:
+        raise unreachable(path, exc) from exc
 
 
 def load_model(
@@ -57,6 +69,9 @@ def load_model(
             return load_original_as_native(
                 p, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation
             )
-    return InternVLForConditionalGeneration.from_pretrained(
-        path, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation
-    )
+    try:
+        return InternVLForConditionalGeneration.from_pretrained(
+            path, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation
+        )
+    except OSError as exc:
+        raise unreachable(path, exc) from exc
