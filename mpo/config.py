@@ -311,6 +311,15 @@ def validate(cfg: ExperimentConfig) -> None:
         problems.append("data.max_bad_fraction must be in [0, 1]")
     if not 1 <= d.video_min_frames <= d.video_max_frames:
         problems.append("data.video_min_frames must be >= 1 and <= data.video_max_frames")
+    if not d.eval_meta_path:
+        strategy = str(t.get("eval_strategy", "no")).lower().split(".")[-1]
+        if strategy != "no":
+            problems.append(
+                f"training.eval_strategy={strategy} needs held-out pairs: set data.eval_meta_path, "
+                "or training.eval_strategy=no"
+            )
+        if t.get("eval_on_start"):
+            problems.append("training.eval_on_start=true needs held-out pairs: set data.eval_meta_path")
     from mpo.model.freeze import freezing_problems
     from mpo.model.lora import lora_problems
 

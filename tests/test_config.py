@@ -124,3 +124,14 @@ def test_resolved_config_roundtrips(tmp_path):
     again = load_config(path)
     assert again.to_dict() == cfg.to_dict()
     assert again.extras.sample_steps == 3
+
+
+def test_evaluation_without_eval_data_is_a_config_error():
+    from mpo.config import ConfigError, load_config
+
+    base = ["model.path=m", "data.meta_path=d.jsonl", "data.eval_meta_path=null"]
+    with pytest.raises(ConfigError, match="training.eval_strategy=steps needs held-out pairs"):
+        load_config(None, [*base, "training.eval_strategy=steps"])
+    with pytest.raises(ConfigError, match="eval_on_start=true needs held-out pairs"):
+        load_config(None, [*base, "training.eval_on_start=true"])
+    assert load_config(None, [*base, "training.eval_strategy=no"]).data.eval_meta_path is None
