@@ -131,13 +131,16 @@ def data_settings(pair_dataset) -> dict[str, Any]:
     }
 
 
-def _media_paths(obj: dict) -> list[tuple[str, Any]]:
-    if obj.get("video") is not None:
-        return [("video", obj["video"])]
-    image = obj.get("image")
-    if image is None or image == []:
-        return []
-    return [("image", p) for p in (image if isinstance(image, list) else [image])]
+def _media_paths(obj: dict, where: str) -> list[tuple[str, Any]]:
+    """(field, value) of each image or video, by the encoder's rules (``""`` / ``[]``: none)."""
+    from mpo.data.pairs import media_entries
+
+    kind, media = media_entries(obj, where)
+    if kind == "video":
+        return [("video", media[0])]
+    if isinstance(obj.get("image"), list):
+        return [(f"image[{k}]", v) for k, v in enumerate(media)]
+    return [("image", v) for v in media]
 
 
 def _media_digest(root: Path, value: Any, where: str, field: str) -> str:
@@ -166,7 +169,7 @@ def pair_key(pair_dataset, index: int) -> bytes:
     spec, line_no, obj = pair_dataset.source.get(index)
     where = f"{spec.annotation}:{line_no}"
     media = []
-    for field, value in _media_paths(obj):
+    for field, value in _media_paths(obj, where):
         media.append([field, _media_digest(spec.root, value, where, field)])
     record = {
         "question": obj.get("question"),

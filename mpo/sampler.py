@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mpo.data.mmpr import DataError
+from mpo.data.pairs import media_entries
 from mpo.data.tiling import choose_grid
 
 
@@ -46,23 +47,16 @@ def image_tiles_from_header(path, max_num: int, min_num: int, image_size: int, u
     return n + 1 if use_thumbnail and n > 1 else n
 
 
-def _media(obj: dict) -> list:
-    if obj.get("video") is not None:
-        return [obj["video"]]
-    image = obj.get("image")
-    if image is None or image == []:
-        return []
-    return image if isinstance(image, list) else [image]
-
-
 def _record_tiles(pairs, spec, obj: dict) -> int:
     cfg, vision = pairs.cfg, pairs.encoder.vision
-    if obj.get("video") is not None:
+    try:
+        kind, paths = media_entries(obj, "")  # the encoder's rules: "" and [] mean no media
+    except DataError:
+        return 0  # a bad record: the dataset skips or reports it
+    if kind == "video":
         return cfg.video_max_frames  # an upper bound; frames are one tile each
-    image = obj.get("image")
-    if image is None or image == []:
+    if kind == "text":
         return 0
-    paths = image if isinstance(image, list) else [image]
     budget = spec.max_dynamic_patch or cfg.max_dynamic_patch
     per_image = max(1, budget // len(paths)) if len(paths) > 1 else budget
     total = 0
@@ -113,7 +107,10 @@ def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:
                 obj.get(k) if isinstance(obj.get(k), str) else "" for k in ("question", "chosen", "rejected")
             ]
             idx.append(i)
-            n_media = len(_media(obj))
+            try:
+                n_media = len(media_entries(obj, "")[1])
+            except DataError:
+                n_media = 0
             # Each image becomes <img> + context tokens + </img>; a missing placeholder adds "\n".
             questions.append(texts[0].replace("<image>", "").replace("<video>", ""))
             answers += texts[1:]

@@ -245,3 +245,11 @@ def test_unreachable_hub_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert rc == 2
     assert err.startswith("error: model.path nobody-here/no-such-model: cannot load it")
     assert "Traceback" not in err
+
+
+def test_check_fails_when_no_pair_is_usable(tmp_path, tiny_model_dir, capsys):
+    """Every pair skipped (here: prompts over max_length) is not a dataset that passes."""
+    cfg = write_config(tmp_path, tiny_model_dir, GOOD, max_length=16, on_bad_sample="skip")
+    rc, out, _ = run(capsys, ["data", "check", "--config", str(cfg), "--json"])
+    res = json.loads(out.splitlines()[0])
+    assert rc == 1 and not res["ok"] and res["problem"].startswith("no usable pairs")

@@ -220,3 +220,77 @@ def test_forked_dataloader_workers_read_their_own_lines(tmp_path, tokenizer):
     for it in items:
         text = tokenizer.decode(it["chosen_input_ids"].tolist())
         assert f"F good {it['line'] - 1}<|im_end|>" in text
+
+
+def test_table_images_are_decoded_like_files_no_exif_rotation(tmp_path, tokenizer):
+    """An EXIF-rotated JPEG gives the same tiles from JSONL and from a datasets Image column
+    (InternVL opens images with PIL and no EXIF transpose; datasets' decoder would rotate)."""
+    import datasets
+
+    img = Image.new("RGB", (56, 28), (200, 30, 30))
+    img.paste((20, 40, 220), (0, 0, 20, 28))  # not symmetric, so a rotation changes the tiles
+    exif = img.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    row = {"image": "rot.jpg", "question": "<image>\nq", "chosen": "a", "rejected": "b"}
+    from_file = PairDataset(write_jsonl(tmp_path / "f.jsonl", [row]), tokenizer, VISION, DataConfig())[0]
+    table_row = {**row, "image": {"bytes": (tmp_path / "rot.jpg").read_bytes(), "path": None}}
+    table = datasets.Dataset.from_list([table_row]).cast_column("image", datasets.Image())
+    table.save_to_disk(str(tmp_path / "t"))
+    from_table = PairDataset(tmp_path / "t", tokenizer, VISION, DataConfig())[0]
+    assert from_file["num_tiles"] == from_table["num_tiles"] == [3]  # 56x28: a 2x1 grid + thumbnail
+    assert torch.equal(from_file["pixel_values"], from_table["pixel_values"])
+
+
+def test_folder_of_parquet_shards_and_unreadable_folders(tmp_path, tokenizer):
+    import datasets
+
+    rows = lines_for("S", 5)
+    shards = tmp_path / "hub"
+    shards.mkdir()
+    datasets.Dataset.from_list(rows[:3]).to_parquet(str(shards / "train-00000-of-00002.parquet"))
+    datasets.Dataset.from_list(rows[3:]).to_parquet(str(shards / "train-00001-of-00002.parquet"))
+    ds = PairDataset(shards, tokenizer, VISION, DataConfig())
+    assert len(ds) == 5 and [ds.source.get(i)[2]["question"] for i in range(5)] == [
+        r["question"] for r in rows
+    ]
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(DataError, match="not a readable HF datasets source"):
+        PairDataset(empty, tokenizer, VISION, DataConfig())
+
+
+def test_duplicate_dataset_names_in_meta_are_an_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "m.json").write_text(
+        '{"same": {"root": ".", "annotation": "a.jsonl"}, "same": {"root": ".", "annotation": "a.jsonl"}}'
+    )
+    with pytest.raises(DataError, match="dataset name 'same' appears twice"):
+        read_meta(tmp_path / "m.json")
+
+
+def test_whitespace_only_lines_are_blank(tmp_path, tokenizer):
+    rows = lines_for("W", 2)
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n   \n\t\r\n" + json.dumps(rows[1]) + "\n")
+    ds = PairDataset(path, tokenizer, VISION, DataConfig())
+    assert len(ds) == 2 and [ds[i]["line"] for i in range(2)] == [1, 4]
+
+
+def test_empty_media_fields_are_text_only_everywhere(tmp_path, tokenizer):
+    """``"image": ""`` / ``"video": ""`` are text-only pairs (as in InternVL) for the encoder, the
+    reference-cache key and the length estimate alike."""
+    from mpo.refcache import pair_key
+    from mpo.sampler import pair_lengths
+
+    rows = [
+        {**lines_for("E", 1)[0], "image": ""},
+        {**lines_for("F", 1)[0], "video": ""},
+        lines_for("G", 1)[0],
+    ]
+    ds = PairDataset(write_jsonl(tmp_path / "e.jsonl", rows), tokenizer, VISION, DataConfig())
+    for i in range(3):
+        assert ds[i]["pixel_values"] is None and ds[i]["num_tiles"] == []
+        assert len(pair_key(ds, i)) == 32
+    real = [max(len(ds[i]["chosen_input_ids"]), len(ds[i]["rejected_input_ids"])) for i in range(3)]
+    assert np.abs(pair_lengths(ds) - np.array(real)).max() <= 2

@@ -97,3 +97,20 @@ def test_video_without_placeholder_is_prefixed_and_image_placeholders_refused(vi
     )
     with pytest.raises(SampleError, match=r"w.jsonl:2: field 'question': a video question must not contain"):
         ds[1]
+
+
+def test_missing_pyav_stops_with_an_install_hint_even_when_skipping(video, tokenizer, monkeypatch):
+    import sys
+
+    from mpo.data.mmpr import DataError
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    line = {"video": "clip.mkv", "question": "What happens?", "chosen": "a", "rejected": "b"}
+    path = video / "nopyav.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    ds = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=1.0))
+    with pytest.raises(
+        DataError, match=r"nopyav.jsonl:1: field 'video': reading videos needs PyAV.*pip install av"
+    ):
+        ds[0]
+    assert ds.skipped == {}  # not a counted skip: every video line would fail the same way

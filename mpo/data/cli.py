@@ -103,7 +103,13 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
         stats["skipped"] += sum(ds.skipped.values()) - before
     ds.cfg = data_cfg  # judge with the run's own policy
     ok, problem = True, None
-    if data_cfg.on_bad_sample == "error" and ds.bad:
+    usable = sum(stats["valid_lines"] for stats in per_dataset.values())
+    if usable == 0:
+        ok, problem = (
+            False,
+            f"no usable pairs: {len(ds)} sample(s) after repeat_time, skips by reason {dict(ds.skipped)}",
+        )
+    elif data_cfg.on_bad_sample == "error" and ds.bad:
         ok, problem = (
             False,
             f"{ds.bad} bad line(s); training with data.on_bad_sample=error stops at the first",

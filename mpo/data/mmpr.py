@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 TABLE_SUFFIXES = (".arrow", ".parquet")
+SHORT_LINE = 64  # lines up to this many bytes are checked for being whitespace only
 
 
 class DataError(ValueError):
@@ -65,8 +66,18 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         return [DatasetSpec(name=path.stem, root=path.parent, annotation=path)]
     if not path.is_file():
         raise DataError(f"{path}: meta file not found")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                # json.loads would keep only the last one, dropping a dataset without a word.
+                raise DataError(f"{path}: dataset name '{key}' appears twice; names must be unique")
+            seen[key] = value
+        return seen
+
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(), object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     if not isinstance(meta, dict) or not meta:
@@ -145,19 +156,19 @@ class JsonlFile:
         self.path = Path(path)
         self.offsets = line_offsets(self.path)
         lengths = np.diff(self.offsets)
-        # A blank line is "\n" (or "\r\n"); keep it out of the samples but in the numbering. The
+        # A blank line is "\n", "\r\n" or only whitespace; keep it out of the samples but in the numbering. The
         # row map is only built when there are blank lines in the middle (rare), to stay 8 B/line.
         blank = lengths <= 1
-        for k in np.flatnonzero(lengths == 2):  # "\r\n" or a one-character line
-            blank[k] = self._read_line(int(k)).strip() == b""
+        # Short lines ("\r\n", spaces, a tab) are checked by content; a JSON object needs "{}".
+        short = np.flatnonzero((lengths >= 2) & (lengths <= SHORT_LINE))
+        if len(short):
+            with open(self.path, "rb") as f:
+                for k in short:
+                    start, size = int(self.offsets[k]), int(lengths[k])
+                    blank[k] = os.pread(f.fileno(), size, start).strip() == b""
         self.rows = None if not blank.any() else np.flatnonzero(~blank).astype(np.int64)
         self._fh = None
         self._pid = os.getpid()
-
-    def _read_line(self, k: int) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(int(self.offsets[k]))
-            return f.read(int(self.offsets[k + 1] - self.offsets[k]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1 if self.rows is None else len(self.rows)
@@ -202,24 +213,43 @@ class TableFile:
         import datasets
 
         self.path = Path(path)
-        if self.path.is_dir():
-            ds = datasets.load_from_disk(str(self.path))
-            if isinstance(ds, datasets.DatasetDict):
-                raise DataError(
-                    f"{self.path}: a DatasetDict; point at one split's folder (one of {list(ds)})"
-                )
-        elif self.path.suffix == ".arrow":
-            ds = datasets.Dataset.from_file(str(self.path))  # maps the file, no copy
-        else:  # parquet: converted once into the datasets cache, then memory-mapped
-            ds = datasets.Dataset.from_parquet(str(self.path))
+        try:
+            if self.path.is_dir():
+                shards = sorted(self.path.rglob("*.parquet"))
+                if (
+                    (self.path / "state.json").is_file()
+                    or (self.path / "dataset_dict.json").is_file()
+                    or not shards
+                ):
+                    ds = datasets.load_from_disk(str(self.path))
+                else:  # a folder of parquet shards, as on the hub (train-00000-of-00004.parquet, ...)
+                    ds = datasets.Dataset.from_parquet([str(p) for p in shards])
+                if isinstance(ds, datasets.DatasetDict):
+                    raise DataError(
+                        f"{self.path}: a DatasetDict; point at one split's folder (one of {list(ds)})"
+                    )
+            elif self.path.suffix == ".arrow":
+                ds = datasets.Dataset.from_file(str(self.path))  # maps the file, no copy
+            else:  # parquet: converted once into the datasets cache, then memory-mapped
+                ds = datasets.Dataset.from_parquet(str(self.path))
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(
+                f"{self.path}: not a readable HF datasets source (a save_to_disk folder, a folder of "
+                f".parquet files, one .parquet or .arrow file): {exc}"
+            ) from exc
         self.table = ds
+        # Rows as stored: Image columns stay {bytes, path} and are decoded by the pair encoder,
+        # exactly as files are (datasets' own decoding would apply EXIF rotation, InternVL does not).
+        self._raw = ds.with_format("arrow")
 
     def __len__(self) -> int:
         return len(self.table)
 
     def record(self, i: int) -> tuple[int, dict[str, Any]]:
         # Arrow fills keys a row lacks with None; the pair encoder treats None as absent.
-        return i + 1, dict(self.table[int(i)])
+        return i + 1, self._raw[int(i)].to_pylist()[0]
 
 
 def open_source(path: Path) -> RecordSource:

@@ -118,7 +118,7 @@ def load_image(path: Path | bytes, where: str, field: str) -> Image.Image:
         ) from exc
 
 
-def _media_list(obj: dict, where: str) -> tuple[str, list[Any]]:
+def media_entries(obj: dict, where: str) -> tuple[str, list[Any]]:
     """('image' | 'video' | 'text', the media entries) of a record; InternVL's dispatch order."""
     image, video = obj.get("image"), obj.get("video")
     has_image = image is not None and not (isinstance(image, (str, list)) and len(image) == 0)
@@ -137,7 +137,7 @@ def _media_list(obj: dict, where: str) -> tuple[str, list[Any]]:
 
 
 # Structural tokens the template and the image expansion insert; never taken from the data.
-RESERVED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>")
+RESERVED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
 class PairEncoder:
@@ -167,7 +167,7 @@ class PairEncoder:
 
         Tiles are ``(sum of tiles, 3, S, S)`` float32; each image is decoded and tiled once.
         """
-        kind, media = _media_list(obj, where)
+        kind, media = media_entries(obj, where)
         if kind == "text":
             return kind, None, []
         size = self.vision.image_size
@@ -323,7 +323,7 @@ class PairDataset(torch.utils.data.Dataset):
             pair = self.encoder.encode(spec, line_no, obj)
         except DataError as exc:
             policy = getattr(exc, "policy", False)
-            if self.cfg.on_bad_sample == "error" and not policy:
+            if getattr(exc, "fatal", False) or (self.cfg.on_bad_sample == "error" and not policy):
                 raise
             self._count(getattr(exc, "reason", "invalid_sample"), str(exc), policy)
         if self.bad:

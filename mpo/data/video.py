@@ -63,8 +63,16 @@ def video_frames(path: Path, data_cfg, where: str) -> list[Image.Image]:
     Raises:
         VideoError: file missing (reason ``missing_video``), undecodable or without frames
             (``corrupt_video``); the message names the annotation line and the field.
+        DataError: PyAV is not installed (an environment problem: never a counted skip).
     """
-    import av
+    try:
+        import av  # noqa: F401  (_decode imports it again where it is used)
+    except ImportError as exc:
+        err = DataError(
+            f"{where}: field 'video': reading videos needs PyAV, which is not installed (pip install av)"
+        )
+        err.fatal = True  # the same for every video line: stop, whatever data.on_bad_sample says
+        raise err from exc
 
     if not Path(path).is_file():
         raise VideoError(f"{where}: field 'video': video not found: {path}", "missing_video")
