@@ -294,3 +294,18 @@ def test_empty_media_fields_are_text_only_everywhere(tmp_path, tokenizer):
         assert len(pair_key(ds, i)) == 32
     real = [max(len(ds[i]["chosen_input_ids"]), len(ds[i]["rejected_input_ids"])) for i in range(3)]
     assert np.abs(pair_lengths(ds) - np.array(real)).max() <= 2
+
+
+def test_meta_paths_relative_to_the_working_directory_as_in_internvl(tmp_path, monkeypatch):
+    (tmp_path / "MMPR" / "annotations").mkdir(parents=True)
+    (tmp_path / "MMPR" / "annotations" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "meta").mkdir()
+    meta = tmp_path / "meta" / "meta.json"
+    meta.write_text(json.dumps({"a": {"root": "MMPR/images", "annotation": "MMPR/annotations/a.jsonl"}}))
+    monkeypatch.chdir(tmp_path)
+    (spec,) = read_meta(meta)
+    assert spec.annotation.resolve() == (tmp_path / "MMPR" / "annotations" / "a.jsonl").resolve()
+    assert spec.root.resolve() == (tmp_path / "MMPR" / "images").resolve()
+    monkeypatch.chdir(tmp_path / "meta")
+    with pytest.raises(DataError, match="relative to the meta file.*relative to the working directory"):
+        read_meta(meta)

@@ -58,8 +58,9 @@ def is_table_source(path: Path) -> bool:
 def read_meta(path: str | Path) -> list[DatasetSpec]:
     """Parse an MMPR meta JSON, or treat a JSONL file / HF datasets source as one dataset.
 
-    Relative ``root`` and ``annotation`` paths resolve against the meta file's folder (not the
-    working directory), so a meta file and its data can be moved together.
+    Relative ``root`` and ``annotation`` paths resolve against the meta file's folder, so a meta
+    file and its data can be moved together; when the annotation is not found there, both resolve
+    against the working directory instead (InternVL's rule, used by its published meta files).
     """
     path = Path(path)
     if path.is_dir() or (path.is_file() and path.suffix in (".jsonl", *TABLE_SUFFIXES)):
@@ -95,7 +96,14 @@ def _spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
     root = base / str(entry.get("root", ""))
     annotation = base / str(entry["annotation"])
     if not annotation.exists():
-        raise DataError(f"{where}: field 'annotation': file not found: {annotation}")
+        # InternVL's own meta files are relative to the working directory it is launched from.
+        from_cwd = Path(str(entry["annotation"]))
+        if not from_cwd.exists():
+            raise DataError(
+                f"{where}: field 'annotation': file not found: {annotation} (relative to the meta file) "
+                f"or {from_cwd.resolve()} (relative to the working directory, InternVL's rule)"
+            )
+        annotation, root = from_cwd.resolve(), Path(str(entry.get("root", ""))).resolve()
     repeat = entry.get("repeat_time", 1.0)
     if not isinstance(repeat, (int, float)) or isinstance(repeat, bool) or repeat <= 0:
         raise DataError(f"{where}: field 'repeat_time' must be a positive number, got {repeat!r}")
