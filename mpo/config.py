@@ -311,6 +311,11 @@ def validate(cfg: ExperimentConfig) -> None:
         problems.append("data.max_bad_fraction must be in [0, 1]")
     if not 1 <= d.video_min_frames <= d.video_max_frames:
         problems.append("data.video_min_frames must be >= 1 and <= data.video_max_frames")
+    if t.get("load_best_model_at_end"):
+        problems.append(
+            "training.load_best_model_at_end is not supported: checkpoints rotate by completion, not by "
+            "metric. Pick the checkpoint from metrics.jsonl's eval_* lines and `mpo consolidate` it"
+        )
     if not d.eval_meta_path:
         strategy = str(t.get("eval_strategy", "no")).lower().split(".")[-1]
         if strategy != "no":

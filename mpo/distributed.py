@@ -40,6 +40,17 @@ def prepare_cpu_distributed(training: dict) -> None:
     training["use_cpu"] = False  # the configured state decides the device
 
 
+def deepspeed_stage(deepspeed: str | dict | None) -> int | None:
+    """ZeRO stage of a ``training.deepspeed`` value (a JSON path or a dict); None without DeepSpeed."""
+    import json
+    from pathlib import Path
+
+    if not deepspeed:
+        return None
+    config = deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def prepare_reference_for_deepspeed(ref_model: torch.nn.Module, accelerator) -> torch.nn.Module:
     """Frozen reference under DeepSpeed: sharded for inference under ZeRO-3, replicated otherwise.
 

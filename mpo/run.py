@@ -81,6 +81,12 @@ RUN_OUTPUTS = (
 STEP_LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON line per event, each with its "step"
 
 
+def _complete_marker() -> str:
+    from mpo.trainer import COMPLETE_MARKER
+
+    return COMPLETE_MARKER
+
+
 def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
 
@@ -118,6 +124,8 @@ def prepare_output_dir(out_dir: str, resume: str | None, overwrite: bool, is_mai
     step = int(state["global_step"])
     if not is_main:
         return
+    if (out / "config.yaml").is_file():  # the resumed run writes its own (check_resume allowed the changes)
+        shutil.copy2(out / "config.yaml", out / f"config.yaml.before-resume-{step}")
     for name in STEP_LOGS:
         path = out / name
         if not path.is_file():
@@ -133,6 +141,111 @@ def prepare_output_dir(out_dir: str, resume: str | None, overwrite: bool, is_mai
             with open(out / f"{name}.before-resume-{step}", "a") as f:
                 f.writelines(later)
             path.write_text("".join(keep))
+
+
+# Settings a resume may change: they do not touch the data order, the optimizer or the loss.
+RESUME_MAY_CHANGE = {
+    "data.eval_meta_path",
+    "model.ref_cache",
+    "model.logprob_chunk_size",
+    "training.deepspeed",  # its ZeRO stage is checked on its own
+    "training.gradient_checkpointing",
+    "training.max_steps",
+    "training.num_train_epochs",
+    "training.resume_from_checkpoint",
+    "training.overwrite_output_dir",
+    "training.report_to",
+    "training.run_name",
+    "training.run_tags",
+    "training.disable_tqdm",
+    "training.logging_steps",
+    "training.logging_first_step",
+    "training.save_steps",
+    "training.save_strategy",
+    "training.save_total_limit",
+    "training.eval_steps",
+    "training.eval_strategy",
+    "training.per_device_eval_batch_size",
+    "training.dataloader_num_workers",
+    "training.dataloader_pin_memory",
+    "training.dataloader_persistent_workers",
+    "training.dataloader_prefetch_factor",
+    "training.sample_steps",
+    "training.sample_num_prompts",
+    "training.sample_max_new_tokens",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("lora", "deepspeed"):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume(resume: str, cfg: ExperimentConfig, args) -> None:
+    """Refuse, before anything is written, a resume that could not continue the run exactly."""
+    import yaml
+
+    from mpo.distributed import deepspeed_stage
+    from mpo.trainer import MPO_STATE_NAME
+
+    ckpt = Path(resume)
+    restart = (
+        "To go on with other settings, start a new run from its weights: `mpo consolidate "
+        f"{ckpt} OUT`, then model.path=OUT (optimizer state and δ start fresh)."
+    )
+    state_path = ckpt / MPO_STATE_NAME
+    if not state_path.is_file():
+        raise ConfigError(
+            f"training.resume_from_checkpoint: {ckpt} has no {MPO_STATE_NAME}; not an internvl-mpo checkpoint"
+        )
+    state = json.loads(state_path.read_text())
+    if state.get("world_size", 1) != args.world_size:
+        raise ConfigError(
+            f"{ckpt} was written by {state.get('world_size', 1)} process(es) but this run has {args.world_size}: "
+            "the data position and ZeRO's optimizer partitions depend on it, so relaunch with the original "
+            "number. " + restart
+        )
+    stage = deepspeed_stage(args.deepspeed)
+    if "zero_stage" in state and state["zero_stage"] != stage:
+        name = lambda s: "no DeepSpeed" if s is None else f"ZeRO-{s}"  # noqa: E731
+        raise ConfigError(
+            f"{ckpt} was written under {name(state['zero_stage'])} but this run uses {name(stage)}: its "
+            "optimizer state is stored for that setup. " + restart
+        )
+    has_optimizer = (ckpt / "optimizer.pt").is_file() or any(ckpt.glob("global_step*"))
+    if not has_optimizer:
+        raise ConfigError(
+            f"{ckpt} holds no optimizer state (training.save_only_model=true?), so it cannot resume exactly. "
+            + restart
+        )
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+    step = int(trainer_state.get("global_step", 0))
+    target = (
+        args.max_steps if args.max_steps and args.max_steps > 0 else int(trainer_state.get("max_steps") or 0)
+    )
+    if target and step >= target:
+        raise ConfigError(
+            f"{ckpt} is at step {step} of {target}: the run is already complete "
+            "(its model is in final/, or `mpo consolidate` the checkpoint). Raise training.max_steps to train on."
+        )
+    saved = ckpt.parent / "config.yaml"
+    if saved.is_file():
+        before, now = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(cfg.to_dict())
+        changed = sorted(
+            k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE
+        )
+        if changed:
+            diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+            raise ConfigError(
+                f"resuming {ckpt} with changed settings that an exact resume cannot honour ({diffs}). "
+                "Resume with the run's own config.yaml. " + restart
+            )
 
 
 def build_trainer(cfg: ExperimentConfig):
@@ -161,6 +274,16 @@ def build_trainer(cfg: ExperimentConfig):
     # Created before from_pretrained so that ZeRO-3 can partition the weights as they load.
     args = TrainingArguments(**training)
     resume = resolve_resume(resume_value, args.output_dir)
+    if resume is not None:
+        check_resume(resume, cfg, args)
+    elif resume_value in (True, "latest") and _checkpoints(Path(args.output_dir)):
+        # Asked to resume, and there are checkpoints, but none finished saving: never start over
+        # silently (overwrite_output_dir would delete them).
+        raise ConfigError(
+            f"training.resume_from_checkpoint=latest: {args.output_dir} has checkpoints but none is complete "
+            f"(no {_complete_marker()}: their saves were interrupted). To start over, set "
+            "training.resume_from_checkpoint=null and training.overwrite_output_dir=true"
+        )
     prepare_output_dir(args.output_dir, resume, cfg.extras.overwrite_output_dir, args.should_save)
 
     tokenizer = load_tokenizer(cfg.model.path)

@@ -325,9 +325,12 @@ class MPOTrainer(Trainer):
         if _dist_ready():
             dist.barrier()  # every rank's ZeRO shards are on disk before the checkpoint is marked complete
         if self.args.should_save:
+            from mpo.distributed import deepspeed_stage
+
             state = {
                 "reward_shift": self.reward_shift.state_dict(),
                 "world_size": self.args.world_size,
+                "zero_stage": deepspeed_stage(self.args.deepspeed),
                 "data_events": data_events.to_dict(),
             }
             _write_atomic(ckpt / MPO_STATE_NAME, json.dumps(state))

@@ -168,3 +168,64 @@ def test_resume_moves_the_redone_steps_out_of_the_logs(tiny_config):
     aside = [json.loads(x) for x in (run_dir / "metrics.jsonl.before-resume-2").read_text().splitlines()]
     assert kept == [r for r in before if r["step"] <= 2] and kept
     assert aside == [r for r in before if r["step"] > 2] and aside
+
+
+def test_resumes_that_cannot_be_exact_are_refused_before_anything_changes(tiny_config):
+    from mpo.config import ConfigError
+
+    cfg = tiny_config("training.max_steps=4")
+    run_dir = Path(cfg.training["output_dir"])
+    run_training(cfg)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+    def refused(match: str, *overrides: str) -> None:
+        with pytest.raises(ConfigError, match=match):
+            build_trainer(tiny_config("training.resume_from_checkpoint=latest", *overrides))
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+    # A finished run relaunched (a requeued job): nothing to do, and nothing is trained.
+    refused(r"checkpoint-4 is at step 4 of 4: the run is already complete", "training.max_steps=4")
+    # A setting the checkpoint's optimizer / data position / δ depend on.
+    refused(r"training.learning_rate: 0.001 -> 0.002", "training.max_steps=6", "training.learning_rate=2e-3")
+    refused(r"loss.beta: 0.1 -> 0.2", "training.max_steps=6", "loss.beta=0.2")
+    state_path = run_dir / "checkpoint-4" / "mpo_state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "world_size": 2}))
+    refused(r"written by 2 process\(es\) but this run has 1", "training.max_steps=6")
+    state_path.write_text(json.dumps({**state, "zero_stage": 2}))
+    refused(r"written under ZeRO-2 but this run uses no DeepSpeed", "training.max_steps=6")
+    state_path.write_text(json.dumps(state))
+    (run_dir / "checkpoint-4" / "optimizer.pt").rename(run_dir / "optimizer.pt.aside")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    refused(r"holds no optimizer state", "training.max_steps=6")
+    (run_dir / "optimizer.pt.aside").rename(run_dir / "checkpoint-4" / "optimizer.pt")
+
+    # Settings that do not touch the optimizer, data order or loss may change.
+    trainer, resume = build_trainer(
+        tiny_config(
+            "training.resume_from_checkpoint=latest", "training.max_steps=6", "training.logging_steps=2"
+        )
+    )
+    assert resume.endswith("checkpoint-4")
+    assert (run_dir / "config.yaml.before-resume-4").is_file()
+
+
+def test_latest_with_only_interrupted_checkpoints_never_starts_over(tiny_config):
+    from mpo.config import ConfigError
+
+    cfg = tiny_config("training.max_steps=2", "training.overwrite_output_dir=true")
+    run_dir = Path(cfg.training["output_dir"])
+    run_training(cfg)
+    (run_dir / "checkpoint-2" / COMPLETE_MARKER).unlink()  # as if its save had been interrupted
+    with pytest.raises(ConfigError, match="has checkpoints but none is complete"):
+        build_trainer(
+            tiny_config("training.resume_from_checkpoint=latest", "training.overwrite_output_dir=true")
+        )
+    assert (run_dir / "checkpoint-2").is_dir() and (run_dir / "metrics.jsonl").is_file()
+
+
+def test_load_best_model_at_end_is_refused(tiny_config):
+    from mpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="load_best_model_at_end is not supported"):
+        tiny_config("training.load_best_model_at_end=true")

@@ -62,6 +62,9 @@ def load_model(
     check_model_path(path)
     p = Path(path)
     if p.exists():
+        # Absolute, so what records it (LoRA's adapter_config.json base path) works from anywhere.
+        p = p.resolve()
+        path = str(p)
         arch = json.loads((p / "config.json").read_text()).get("architectures") or []
         if "InternVLChatModel" in arch:
             from mpo.model.convert import load_original_as_native
