@@ -16,6 +16,24 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def single_process_env(training: dict) -> None:
+    """``python train/train_mpo.py ... training.deepspeed=X`` without a launcher: one process.
+
+    DeepSpeed needs a process group even for one process; the launchers (deepspeed, torchrun)
+    set RANK/WORLD_SIZE/MASTER_*. Without them, describe a world of one on this machine.
+    """
+    if not training.get("deepspeed") or "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
 def prepare_cpu_distributed(training: dict) -> None:
     """Make accelerate honour a ``deepspeed`` CLI launch on a machine without CUDA.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo.config import ConfigError, ExperimentConfig, save_config
-from mpo.distributed import is_main_process, launched_world_size, prepare_cpu_distributed
+from mpo.distributed import is_main_process, launched_world_size, prepare_cpu_distributed, single_process_env
 
 
 def _git_commit() -> str | None:
@@ -270,6 +270,7 @@ def build_trainer(cfg: ExperimentConfig):
             "several processes were launched but training.deepspeed is not set: multi-process training "
             "runs under DeepSpeed (e.g. training.deepspeed=configs/deepspeed/zero2.json)"
         )
+    single_process_env(training)
     prepare_cpu_distributed(training)
     # Created before from_pretrained so that ZeRO-3 can partition the weights as they load.
     args = TrainingArguments(**training)

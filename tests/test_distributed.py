@@ -241,3 +241,35 @@ def test_zero3_ranks_with_skipped_and_text_only_pairs_match_one_process(common, 
         assert b[step][1] == pytest.approx(a[step][1], rel=1e-4, abs=1e-7), step
     skips = json.loads((two / "data_skips.json").read_text())
     assert skips["skipped"] == {"missing_image": 1} and skips["seen"] == 8
+
+
+def test_plain_python_launch_with_deepspeed_is_one_process(common, single_process, tmp_path):
+    """`python train/train_mpo.py ... training.deepspeed=X` with no launcher trains as one process
+    and matches the run without DeepSpeed."""
+    out = tmp_path / "plain-ds"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "train_mpo.py"),
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            *common,
+            "training.per_device_train_batch_size=4",
+            f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}",
+            f"training.output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got, want = _losses(out), _losses(single_process)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step, (loss, delta) in want.items():
+        assert got[step][0] == pytest.approx(loss, rel=1e-4) and got[step][1] == pytest.approx(
+            delta, rel=1e-4, abs=1e-7
+        )

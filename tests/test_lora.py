@@ -146,7 +146,9 @@ def test_lora_mpo_trains_and_merged_export_matches(tiny_config, tmp_path):
     trainer.save_model(str(final))
     assert (final / "adapter_config.json").is_file()
     base = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert Path(base).is_absolute() and Path(base) == Path(cfg.model.path).resolve()  # export works from any cwd
+    assert (
+        Path(base).is_absolute() and Path(base) == Path(cfg.model.path).resolve()
+    )  # export works from any cwd
 
     peft_model = trainer.accelerator.unwrap_model(trainer.model).eval()
     inputs = _inputs(peft_model.base_model.model)
