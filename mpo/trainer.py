@@ -322,6 +322,8 @@ class MPOTrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial=trial))
         ckpt = run_dir / f"checkpoint-{self.state.global_step}"
         data_events = gather_events(self.data_events["train"])  # collective: every rank saves
+        if ckpt.is_dir():
+            _fsync_tree(ckpt)  # each rank flushes what it wrote (ZeRO shards included)
         if _dist_ready():
             dist.barrier()  # every rank's ZeRO shards are on disk before the checkpoint is marked complete
         if self.args.should_save:
@@ -398,6 +400,22 @@ class MPOTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self._sft_window = None  # later compute_loss calls are not part of an optimizer step
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` (and the folders) to disk: the completion marker must
+    not reach the disk before the weights and optimizer state do (a power cut, not just a kill)."""
+    for path in sorted(folder.rglob("*")) + [folder]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some filesystems refuse fsync on folders
+        finally:
+            os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -300,3 +300,19 @@ def test_cli_convert(original_dir, tmp_path, capsys):
     assert C.detect_format(tmp_path / "out") == "native"
     assert mpo_main(["convert", "--to", "native", str(tmp_path), str(tmp_path / "out2")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_converting_a_training_checkpoint_leaves_its_training_state_behind(native_dir, tmp_path, capsys):
+    """A converted checkpoint-N is a model, not a resumable checkpoint; outputs never overwrite."""
+    import shutil
+
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(native_dir, ckpt)
+    for name in ("trainer_state.json", "mpo_state.json", "checkpoint_complete.json"):
+        (ckpt / name).write_text("{}")
+    assert mpo_main(["convert", "--to", "original", str(ckpt), str(tmp_path / "orig")]) == 0
+    names = {p.name for p in (tmp_path / "orig").iterdir()}
+    assert not names & {"trainer_state.json", "mpo_state.json", "checkpoint_complete.json"}
+    assert "tokenizer.json" in names
+    assert mpo_main(["convert", "--to", "native", str(ckpt), str(tmp_path / "orig")]) == 2
+    assert "is not empty" in capsys.readouterr().err

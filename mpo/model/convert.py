@@ -541,6 +541,20 @@ def _write_safetensors(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: 
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+# What makes a folder a resumable checkpoint: never copied into a converted model.
+TRAINING_STATE_FILES = (
+    "trainer_state.json",
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "mpo_state.json",
+    "checkpoint_complete.json",
+    "latest",
+    "zero_to_fp32.py",
+)
+
+
 def copy_side_files(src: Path, dst: Path, skip: Callable[[Path], bool] | None = None) -> list[str]:
     """Copy tokenizer/processor/generation files (everything but weights and configs) from src to dst.
 
@@ -552,6 +566,7 @@ def copy_side_files(src: Path, dst: Path, skip: Callable[[Path], bool] | None = 
         if (
             not f.is_file()
             or f.name in CONFIG_FILES
+            or f.name in TRAINING_STATE_FILES
             or f.name.endswith(WEIGHT_SUFFIXES)
             or (skip and skip(f))
         ):
@@ -572,6 +587,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, dtype: torch.d
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():
         raise ValueError(f"output folder {dst} is the input folder; choose another")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"output folder {dst} is not empty; choose a new one")
     fmt = detect_format(src)
     if fmt == "original":
         model = load_original_as_native(src, dtype=dtype)
