@@ -189,3 +189,11 @@ def test_skip_policy_and_prompt_too_long_are_counted_never_cut(tmp_path, tokeniz
     tight = PairDataset(path, tokenizer, VISION, DataConfig(max_length=plen - 1))
     assert tight[0] is None and tight.skipped == {"prompt_too_long": 1} and tight.bad == 0
     assert len(tight.truncated) == 0
+
+
+def test_decompression_bomb_is_its_own_reason(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 28x28 = 784 > 2 x 100: PIL refuses it
+    path = make_file(tmp_path, json.dumps({**GOOD, "image": "ok.png"}))
+    ds = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=1.0))
+    assert ds[1] is None and ds.skipped == {"image_too_large": 1}
+    assert "d.jsonl:2: field 'image': image is too large to decode safely" in ds.skip_log[0]

@@ -111,7 +111,11 @@ def load_image(path: Path | bytes, where: str, field: str) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError as exc:
         raise SampleError(f"{where}: field '{field}': image not found: {path}", "missing_image") from exc
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise SampleError(
+            f"{where}: field '{field}': image is too large to decode safely ({exc})", "image_too_large"
+        ) from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         shown = path if isinstance(path, Path) else "<embedded bytes>"
         raise SampleError(
             f"{where}: field '{field}': cannot decode image {shown}: {exc}", "corrupt_image"
