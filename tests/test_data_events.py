@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from test_train import StopAfter  # tests/ is on sys.path under pytest
 
 from mpo.config import DataConfig
 from mpo.data.collate import PairCollator
@@ -63,15 +63,6 @@ def test_batches_carry_every_skip_and_truncation(tmp_path, tokenizer, workers):
     assert set(total.examples) == set(skips) and "d.jsonl:4" in total.examples["invalid_json"][0]
     # What the events replace: with workers the main process's own counters see nothing.
     assert plain.seen == (24 if workers == 0 else 0)
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def _meta_with_bad_lines(demo_data, tmp_path) -> Path:

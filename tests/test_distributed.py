@@ -25,6 +25,37 @@ def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
     return out
 
 
+TRAIN = [str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
+
+
+def _deepspeed(stage: str) -> str:
+    return f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / f'{stage}.json'}"
+
+
+def _train(args: list[str], ranks: int | None = None, port: int | None = None, env=None) -> None:
+    """One training run: plain ``python`` (ranks None) or the ``deepspeed`` CLI with ``ranks``
+    processes. The timeout turns a rank stuck in a collective into a failure, not a hung suite."""
+    if ranks is None:
+        cmd = [sys.executable, *TRAIN, *args]
+    else:
+        launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
+            "deepspeed"
+        )
+        assert launcher, "the deepspeed CLI is not installed"
+        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), *TRAIN, *args]
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _assert_same_losses(got: Path, want: Path, steps: list[int], rel: float = 1e-4) -> None:
+    a, b = _losses(want), _losses(got)
+    assert sorted(a) == sorted(b) == steps
+    for step, (loss, delta) in a.items():
+        assert b[step][0] == pytest.approx(loss, rel=rel), step
+        assert b[step][1] == pytest.approx(delta, rel=rel, abs=1e-7), step
+
+
 @pytest.fixture(scope="module")
 def common(tiny_model_dir, demo_data):
     return [
@@ -44,49 +75,28 @@ def common(tiny_model_dir, demo_data):
 @pytest.fixture(scope="module")
 def single_process(common, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    cmd = [
-        sys.executable,
-        str(ROOT / "train" / "train_mpo.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        *common,
-        "training.per_device_train_batch_size=4",
-        "training.use_cpu=true",
-        f"training.output_dir={out}",
-    ]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _train(
+        [
+            *common,
+            "training.per_device_train_batch_size=4",
+            "training.use_cpu=true",
+            f"training.output_dir={out}",
+        ]
+    )
     return out
 
 
 @pytest.mark.parametrize("stage,port", [("zero2", 29517), ("zero3", 29519)])
 def test_two_ranks_match_single_process(common, single_process, tmp_path, stage, port):
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
-    assert launcher, "the deepspeed CLI is not installed"
     out = tmp_path / stage
-    cmd = [
-        launcher,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        str(ROOT / "train" / "train_mpo.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        *common,
-        "training.per_device_train_batch_size=2",
-        f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / f'{stage}.json'}",
-        f"training.output_dir={out}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _train(
+        [*common, "training.per_device_train_batch_size=2", _deepspeed(stage), f"training.output_dir={out}"],
+        2,
+        port,
+    )
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2
-    dist = _losses(out)
-    single = _losses(single_process)
-    assert sorted(dist) == sorted(single) == [1, 2, 3]
-    for step, (loss, delta) in single.items():
-        assert dist[step][0] == pytest.approx(loss, rel=1e-4), (stage, step)
-        assert dist[step][1] == pytest.approx(delta, rel=1e-4, abs=1e-7), (stage, step)
+    _assert_same_losses(out, single_process, [1, 2, 3])
     # Only rank 0 writes: one line per step, one final model.
     assert len([ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]) >= 3
     from transformers import InternVLForConditionalGeneration
@@ -125,7 +135,6 @@ def test_lora_under_zero3_matches_plain_lora(common, tmp_path):
 
     from mpo.model.cli import cmd_export
 
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     lora = [
         *common,
         "training.per_device_train_batch_size=2",
@@ -133,33 +142,11 @@ def test_lora_under_zero3_matches_plain_lora(common, tmp_path):
         "model.reference=lora_disabled",
         "model.lora={target: both, r: 4, alpha: 8, dropout: 0.0}",
     ]
-    script = [str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml"), *lora]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     plain, zero3 = tmp_path / "plain", tmp_path / "zero3"
-    subprocess.run(
-        [sys.executable, *script, f"training.output_dir={plain}"], check=True, capture_output=True, env=env
-    )
-    proc = subprocess.run(
-        [
-            launcher,
-            "--num_gpus",
-            "1",
-            "--master_port",
-            "29523",
-            *script,
-            f"training.output_dir={zero3}",
-            f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = _losses(plain), _losses(zero3)
-    assert sorted(a) == sorted(b) == [1, 2, 3]
-    for step in a:
-        assert b[step][0] == pytest.approx(a[step][0], rel=1e-5), step
-    assert a[3][0] != a[1][0]
+    _train([*lora, f"training.output_dir={plain}"])
+    _train([*lora, f"training.output_dir={zero3}", _deepspeed("zero3")], 1, 29523)
+    _assert_same_losses(zero3, plain, [1, 2, 3], rel=1e-5)
+    assert _losses(plain)[3][0] != _losses(plain)[1][0]
     ours, theirs = (
         load_file(zero3 / "final" / "adapter_model.safetensors"),
         load_file(plain / "final" / "adapter_model.safetensors"),
@@ -195,7 +182,6 @@ def test_zero3_ranks_with_skipped_and_text_only_pairs_match_one_process(common, 
     """One pair per rank, so a skipped pair leaves a rank with nothing, a text-only pair meets an
     image pair, and responses need different numbers of LM-head chunks: ZeRO-3 ranks must still
     run the same modules (no hang) and give the single process's per-step losses."""
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     meta = _uneven_data(demo_data, tmp_path)
     args = [
         *common,
@@ -206,39 +192,14 @@ def test_zero3_ranks_with_skipped_and_text_only_pairs_match_one_process(common, 
         "training.max_steps=4",
         "training.save_strategy=no",
     ]
-    script = [str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml"), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(
-        [sys.executable, *script, "training.per_device_train_batch_size=2", f"training.output_dir={one}"],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=600,
+    _train([*args, "training.per_device_train_batch_size=2", f"training.output_dir={one}"])
+    _train(
+        [*args, "training.per_device_train_batch_size=1", _deepspeed("zero3"), f"training.output_dir={two}"],
+        2,
+        29527,
     )
-    proc = subprocess.run(
-        [
-            launcher,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            "29527",
-            *script,
-            "training.per_device_train_batch_size=1",
-            f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}",
-            f"training.output_dir={two}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,  # a rank waiting in a collective the other never reaches would hang here
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = _losses(one), _losses(two)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    for step in a:
-        assert b[step][0] == pytest.approx(a[step][0], rel=1e-4), step
-        assert b[step][1] == pytest.approx(a[step][1], rel=1e-4, abs=1e-7), step
+    _assert_same_losses(two, one, [1, 2, 3, 4])
     skips = json.loads((two / "data_skips.json").read_text())
     assert skips["skipped"] == {"missing_image": 1} and skips["seen"] == 8
 
@@ -250,26 +211,13 @@ def test_plain_python_launch_with_deepspeed_is_one_process(common, single_proces
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
-    proc = subprocess.run(
+    _train(
         [
-            sys.executable,
-            str(ROOT / "train" / "train_mpo.py"),
-            "--config",
-            str(ROOT / "configs" / "demo.yaml"),
             *common,
             "training.per_device_train_batch_size=4",
-            f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}",
+            _deepspeed("zero2"),
             f"training.output_dir={out}",
         ],
-        capture_output=True,
-        text=True,
         env=env,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got, want = _losses(out), _losses(single_process)
-    assert sorted(got) == sorted(want) == [1, 2, 3]
-    for step, (loss, delta) in want.items():
-        assert got[step][0] == pytest.approx(loss, rel=1e-4) and got[step][1] == pytest.approx(
-            delta, rel=1e-4, abs=1e-7
-        )
+    _assert_same_losses(out, single_process, [1, 2, 3])
