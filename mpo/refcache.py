@@ -144,16 +144,10 @@ def _media_paths(obj: dict, where: str) -> list[tuple[str, Any]]:
 
 
 def _media_digest(root: Path, value: Any, where: str, field: str) -> str:
-    """sha256 of one image or video as the encoder reads it: a file under ``root``, or the bytes /
-    decoded image a HF ``datasets`` Image column holds."""
-    from PIL import Image
-
+    """sha256 of one image or video as the encoder reads it: a file under ``root``, or the bytes a
+    HF ``datasets`` Image column holds (the same digest as the file they came from)."""
     from mpo.data.pairs import resolve_media
 
-    if isinstance(value, Image.Image):
-        h = hashlib.sha256(f"{value.mode}:{value.size}:".encode())
-        h.update(value.tobytes())
-        return h.hexdigest()
     if isinstance(value, dict) and value.get("bytes"):
         return hashlib.sha256(value["bytes"]).hexdigest()
     if isinstance(value, dict) and value.get("path"):

@@ -35,11 +35,8 @@ def image_tiles_from_header(path, max_num: int, min_num: int, image_size: int, u
     Unreadable images count as one tile: the dataset itself reports them when it loads them.
     """
     try:
-        if isinstance(path, Image.Image):
-            width, height = path.size
-        else:
-            with Image.open(path) as im:
-                width, height = im.size
+        with Image.open(path) as im:
+            width, height = im.size
     except (FileNotFoundError, UnidentifiedImageError, OSError, AttributeError, TypeError, ValueError):
         return 1
     cols, rows = choose_grid(width, height, min(min_num, max_num), max_num, image_size)
@@ -72,10 +69,8 @@ def _record_tiles(pairs, spec, obj: dict) -> int:
 
 
 def _header_source(root, value):
-    """What ``Image.open`` reads for one image: a path under ``root``, the bytes of a HF
-    ``datasets`` Image column, or the decoded image itself."""
-    if isinstance(value, Image.Image):
-        return value
+    """What ``Image.open`` reads for one image: a path under ``root`` or the bytes of a HF
+    ``datasets`` Image column."""
     if isinstance(value, dict) and value.get("bytes"):
         return io.BytesIO(value["bytes"])
     if isinstance(value, dict) and value.get("path"):

@@ -158,8 +158,6 @@ class PairEncoder:
         self.truncated: Counter[str] = Counter()  # responses cut to max_length, by "chosen"/"rejected"
 
     def _open(self, spec: DatasetSpec, value: Any, where: str, field: str) -> Image.Image:
-        if isinstance(value, Image.Image):  # a HF datasets Image column decodes to PIL
-            return value.convert("RGB")
         if isinstance(value, dict) and value.get("bytes"):
             return load_image(value["bytes"], where, field)
         if isinstance(value, dict) and value.get("path"):
