@@ -81,14 +81,10 @@ RUN_OUTPUTS = (
 STEP_LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON line per event, each with its "step"
 
 
-def _complete_marker() -> str:
-    from mpo.trainer import COMPLETE_MARKER
-
-    return COMPLETE_MARKER
-
-
 def _checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    from mpo.trainer import list_checkpoints
+
+    return [path for _, path, _ in list_checkpoints(out)]
 
 
 def prepare_output_dir(out_dir: str, resume: str | None, overwrite: bool, is_main: bool) -> None:
@@ -191,8 +187,7 @@ def check_resume(resume: str, cfg: ExperimentConfig, args) -> None:
     """Refuse, before anything is written, a resume that could not continue the run exactly."""
     import yaml
 
-    from mpo.distributed import deepspeed_stage
-    from mpo.trainer import MPO_STATE_NAME
+    from mpo.trainer import MPO_STATE_NAME, setup_mismatch
 
     ckpt = Path(resume)
     restart = (
@@ -204,20 +199,9 @@ def check_resume(resume: str, cfg: ExperimentConfig, args) -> None:
         raise ConfigError(
             f"training.resume_from_checkpoint: {ckpt} has no {MPO_STATE_NAME}; not an internvl-mpo checkpoint"
         )
-    state = json.loads(state_path.read_text())
-    if state.get("world_size", 1) != args.world_size:
-        raise ConfigError(
-            f"{ckpt} was written by {state.get('world_size', 1)} process(es) but this run has {args.world_size}: "
-            "the data position and ZeRO's optimizer partitions depend on it, so relaunch with the original "
-            "number. " + restart
-        )
-    stage = deepspeed_stage(args.deepspeed)
-    if "zero_stage" in state and state["zero_stage"] != stage:
-        name = lambda s: "no DeepSpeed" if s is None else f"ZeRO-{s}"  # noqa: E731
-        raise ConfigError(
-            f"{ckpt} was written under {name(state['zero_stage'])} but this run uses {name(stage)}: its "
-            "optimizer state is stored for that setup. " + restart
-        )
+    problem = setup_mismatch(ckpt, json.loads(state_path.read_text()), args)
+    if problem:
+        raise ConfigError(problem + " " + restart)
     has_optimizer = (ckpt / "optimizer.pt").is_file() or any(ckpt.glob("global_step*"))
     if not has_optimizer:
         raise ConfigError(
@@ -257,7 +241,7 @@ def build_trainer(cfg: ExperimentConfig):
     from mpo.data.pairs import PairDataset, VisionSpec
     from mpo.loss import LossWeights
     from mpo.model.loading import check_model_path, load_model, load_tokenizer
-    from mpo.trainer import MPOTrainer
+    from mpo.trainer import COMPLETE_MARKER, MPOTrainer
 
     check_model_path(cfg.model.path)
     training = dict(cfg.training)
@@ -282,7 +266,7 @@ def build_trainer(cfg: ExperimentConfig):
         # silently (overwrite_output_dir would delete them).
         raise ConfigError(
             f"training.resume_from_checkpoint=latest: {args.output_dir} has checkpoints but none is complete "
-            f"(no {_complete_marker()}: their saves were interrupted). To start over, set "
+            f"(no {COMPLETE_MARKER}: their saves were interrupted). To start over, set "
             "training.resume_from_checkpoint=null and training.overwrite_output_dir=true"
         )
     prepare_output_dir(args.output_dir, resume, cfg.extras.overwrite_output_dir, args.should_save)

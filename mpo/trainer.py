@@ -368,14 +368,11 @@ class MPOTrainer(Trainer):
                 f"{checkpoint}: no {MPO_STATE_NAME}; not a checkpoint written by internvl-mpo"
             )
         state = json.loads(path.read_text())
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.args.world_size:
-            # The data position (batches to skip per rank) and ZeRO's optimizer partitions both
-            # depend on the world size, so an exact resume needs the same one.
+        problem = setup_mismatch(checkpoint, state, self.args)
+        if problem:
             raise ValueError(
-                f"{checkpoint} was written by {saved_world} process(es) but this run has {self.args.world_size}: "
-                "exact resume needs the same world size. Relaunch with the original number of processes, or "
-                "consolidate the weights (`mpo consolidate CKPT OUT`) and start a new run from them."
+                problem
+                + " Consolidate the weights (`mpo consolidate CKPT OUT`) to start a new run from them."
             )
         self.reward_shift.load_state_dict(state["reward_shift"])
         # The checkpoint holds the all-rank total: one rank carries it on, the others start at 0.
@@ -400,6 +397,28 @@ class MPOTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self._sft_window = None  # later compute_loss calls are not part of an optimizer step
+
+
+def setup_mismatch(checkpoint, state: dict, args) -> str | None:
+    """Why ``checkpoint`` (its ``mpo_state.json`` as ``state``) cannot resume exactly under
+    ``args``'s processes and ZeRO stage, or None. The data position (batches to skip per rank)
+    and the stored optimizer partitions both depend on them."""
+    from mpo.distributed import deepspeed_stage
+
+    saved_world = state.get("world_size", 1)
+    if saved_world != args.world_size:
+        return (
+            f"{checkpoint} was written by {saved_world} process(es) but this run has {args.world_size}: "
+            "relaunch with the original number."
+        )
+    stage = deepspeed_stage(args.deepspeed)
+    if "zero_stage" in state and state["zero_stage"] != stage:
+        name = lambda s: "no DeepSpeed" if s is None else f"ZeRO-{s}"  # noqa: E731
+        return (
+            f"{checkpoint} was written under {name(state['zero_stage'])} but this run uses {name(stage)}: "
+            "its optimizer state is stored for that setup."
+        )
+    return None
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -428,7 +447,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path, bool]]:
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path, bool]]:
     """(step, folder, complete) for every ``checkpoint-N`` folder, oldest first."""
     found = []
     if run_dir.is_dir():
@@ -448,7 +467,7 @@ def rotate_complete_checkpoints(run_dir: Path, limit: int | None) -> list[Path]:
 
     if not limit:
         return []
-    ckpts = _checkpoints(run_dir)
+    ckpts = list_checkpoints(run_dir)
     complete = [c for c in ckpts if c[2]]
     if not complete:
         return []
@@ -465,5 +484,5 @@ def rotate_complete_checkpoints(run_dir: Path, limit: int | None) -> list[Path]:
 
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """Newest ``checkpoint-N`` folder of ``output_dir`` that carries the completion marker."""
-    complete = [path for _, path, done in _checkpoints(Path(output_dir)) if done]
+    complete = [path for _, path, done in list_checkpoints(Path(output_dir)) if done]
     return str(complete[-1]) if complete else None
