@@ -32,7 +32,7 @@ class PairCollator:
         pairs = [it for it in items if not is_skipped(it)]
         self.dropped += len(items) - len(pairs)
         recorded = [it[EVENTS_KEY] for it in items if it is not None and EVENTS_KEY in it]
-        events = {EVENTS_KEY: sum_events(recorded)} if recorded else {}
+        events = {EVENTS_KEY: DataEvents.total(recorded).to_dict()} if recorded else {}
         if not pairs:
             return {"num_pairs": 0, **events}
         seqs = [p["chosen_input_ids"] for p in pairs] + [p["rejected_input_ids"] for p in pairs]
@@ -60,10 +60,3 @@ class PairCollator:
             if key in pairs[0]:
                 batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float64)
         return batch
-
-
-def sum_events(recorded: list[dict[str, Any]]) -> dict[str, Any]:
-    total = DataEvents()
-    for events in recorded:
-        total.add(events)
-    return total.to_dict()

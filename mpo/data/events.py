@@ -45,6 +45,14 @@ class DataEvents:
             kept.extend(msgs[: max(EXAMPLES_KEPT - len(kept), 0)])
         return self
 
+    @classmethod
+    def total(cls, parts) -> DataEvents:
+        """The sum of ``parts`` (DataEvents or their dicts; None entries count as nothing)."""
+        out = cls()
+        for part in parts:
+            out.add(part)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "seen": self.seen,
@@ -121,7 +129,4 @@ def gather_events(events: DataEvents) -> DataEvents:
         return events
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, events.to_dict())
-    total = DataEvents()
-    for part in parts:
-        total.add(part)
-    return total
+    return DataEvents.total(parts)
