@@ -1,35 +1,48 @@
 """The ``mpo`` command: training and the tools around it.
 
-mpo train --config X [key.sub=value ...]    train (also: python/deepspeed train/train_mpo.py)
-mpo data check --config X                   validate every line; counts, tiles, lengths, skips
-mpo data inspect --config X --index I       one pair exactly as the model sees it
-mpo precompute-ref --config X model.ref_cache=DIR   cache reference log-probs (reference=cache)
-mpo report RUN_DIR                          HTML report + plots from metrics.jsonl, with a verdict
-mpo summary RUN_DIR                         a finished run's summary
-mpo generate --model DIR --image X --question Q     greedy answer from a model
-mpo consolidate CKPT OUT                    ZeRO shards -> one HF-format model
-mpo convert --to native|original IN OUT     checkpoint format conversion
-mpo export [--merge-lora] CKPT OUT          a deployable folder (LoRA merged)
-mpo make-tiny OUT_DIR                       build the tiny test/demo InternVL + tokenizer
-
-`mpo COMMAND --help` describes each.
+Every command is listed in ``COMMANDS`` with the module that implements it; that module is
+imported only when the command runs, and parses its arguments before importing torch, so
+``mpo --help`` and ``mpo COMMAND --help`` answer at once.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
+import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
+# name -> (module, function, one line of help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("mpo.cli", "cmd_train", "train (also: python/deepspeed train/train_mpo.py)"),
+    "data": (
+        "mpo.data.cli",
+        "cmd_data",
+        "check | inspect: validate MMPR data, show a pair as the model sees it",
+    ),
+    "precompute-ref": ("mpo.cli", "cmd_precompute_ref", "cache reference log-probs (model.reference=cache)"),
+    "report": ("mpo.report", "cmd_report", "HTML report + plots from metrics.jsonl, with a verdict"),
+    "summary": ("mpo.cli", "cmd_summary", "a finished run's summary"),
+    "generate": ("mpo.model.cli", "cmd_generate", "greedy answer from a model"),
+    "consolidate": ("mpo.consolidate", "cmd_consolidate", "ZeRO shards -> one HF-format model"),
+    "convert": ("mpo.model.cli", "cmd_convert", "checkpoint format conversion (native <-> original)"),
+    "export": ("mpo.model.cli", "cmd_export", "a deployable folder (LoRA merged)"),
+    "make-tiny": ("mpo.cli", "cmd_make_tiny", "build the tiny test/demo InternVL + tokenizer"),
+}
 
-def config_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", required=True, help="experiment YAML (sections model/data/loss/training)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied after the YAML")
-    # The deepspeed launcher appends --local_rank=N; the rank also arrives in LOCAL_RANK.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p
+USAGE = """usage: mpo COMMAND [ARGS]
+
+  mpo train --config X [key.sub=value ...]          train
+  mpo data check --config X                         validate every line; counts, tiles, lengths, skips
+  mpo data inspect --config X --index I             one pair exactly as the model sees it
+  mpo precompute-ref --config X model.ref_cache=DIR cache reference log-probs
+  mpo report RUN_DIR | mpo summary RUN_DIR          a run's report / summary
+  mpo generate --model DIR --image X --question Q   greedy answer from a model
+  mpo consolidate CKPT OUT | convert | export       model folders
+
+`mpo COMMAND --help` describes each."""
 
 
 def _barrier() -> None:
@@ -41,97 +54,122 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_train(argv: list[str]) -> int:
-    from mpo.config import ConfigError, load_config
+    from mpo.cli_args import config_parser
+
+    p = config_parser("mpo train", "Train InternVL with MPO", keys_help=True)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    from mpo.config import ConfigError, load_config, to_yaml
+
+    if args.print_config:
+        try:
+            print(to_yaml(load_config(args.config, args.overrides)), end="")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    from mpo.data.mmpr import DataError
     from mpo.model.loading import ModelLoadError
     from mpo.refcache import RefCacheError
     from mpo.run import format_summary, main_process, run_training
 
-    args = config_parser("Train InternVL with MPO").parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        summary = run_training(cfg)
+        summary = run_training(load_config(args.config, args.overrides))
         _barrier()
-    except (ConfigError, ModelLoadError, RefCacheError) as exc:
+    except (ConfigError, DataError, ModelLoadError, RefCacheError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        _finish_distributed()
     if main_process():
         print(format_summary(summary))
     return 0
 
 
+def cmd_precompute_ref(argv: list[str]) -> int:
+    from mpo.cli_args import config_parser
+
+    p = config_parser(
+        "mpo precompute-ref", "Compute reference log-probs for every pair once (model.ref_cache)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="pairs per forward (default: per_device_eval_batch_size)"
+    )
+    args = p.parse_args(argv)
+    from mpo.config import ConfigError, load_config
+    from mpo.model.loading import ModelLoadError
+    from mpo.refcache import MANIFEST_NAME, RefCacheError, precompute_ref
+
+    try:
+        folder = precompute_ref(load_config(args.config, args.overrides), args.batch_size)
+        _barrier()
+    except (ConfigError, ModelLoadError, RefCacheError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        _finish_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        m = json.loads((folder / MANIFEST_NAME).read_text())
+        print(
+            f"reference cache: {folder} ({m['num_unique_pairs']} unique pairs of {m['num_pairs']}, "
+            f"{len(m['shards'])} shard(s))"
+        )
+    return 0
+
+
 def cmd_make_tiny(argv: list[str]) -> int:
-    from mpo.model.tiny import save_tiny_internvl
+    import argparse
 
     p = argparse.ArgumentParser(prog="mpo make-tiny", description="Build the tiny InternVL and tokenizer")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    from mpo.model.tiny import save_tiny_internvl
+
     print(save_tiny_internvl(a.out_dir, seed=a.seed))
     return 0
 
 
 def cmd_summary(argv: list[str]) -> int:
-    from mpo.run import format_summary
+    import argparse
 
-    p = argparse.ArgumentParser(prog="mpo summary")
+    p = argparse.ArgumentParser(prog="mpo summary", description="A finished run's summary")
     p.add_argument("run_dir")
     a = p.parse_args(argv)
     path = Path(a.run_dir) / "summary.json"
     if not path.is_file():
         print(f"error: {path} not found (has the run finished?)", file=sys.stderr)
         return 2
+    from mpo.run import format_summary
+
     print(format_summary(json.loads(path.read_text())))
     return 0
 
 
-COMMANDS = {
-    "train": cmd_train,
-    "make-tiny": cmd_make_tiny,
-    "summary": cmd_summary,
-}
-
-
-def register(name: str, fn) -> None:
-    COMMANDS[name] = fn
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _load_plugins()
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("commands:", ", ".join(sorted(COMMANDS)))
+        print(USAGE)
+        print("\ncommands:")
+        for name, (_, _, text) in COMMANDS.items():
+            print(f"  {name:16s}{text}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        print(f"error: unknown command '{name}'{hint}", file=sys.stderr)
+        print(f"error: unknown command '{name}'{hint} (`mpo --help` lists them)", file=sys.stderr)
         return 2
-    return COMMANDS[name](rest) or 0
-
-
-def _load_plugins() -> None:
-    """Sub-commands that live beside their concern (data, convert, report, ...), if present."""
-    import importlib
-
-    for module in ("mpo.data.cli", "mpo.model.cli", "mpo.report", "mpo.refcache", "mpo.consolidate"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        for name, fn in getattr(mod, "CLI_COMMANDS", {}).items():
-            COMMANDS[name] = fn
+    module, function, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), function)(rest) or 0
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 """Experiment configuration: typed sections, YAML files and ``key.sub=value`` overrides.
 
-Sections: ``model``, ``data``, ``loss`` (our dataclasses) and ``training`` (any
-``transformers.TrainingArguments`` field under its own name). Unknown keys and wrong types fail
-at start-up naming the key and suggesting the closest valid one; cross-field rules live in
-``validate`` and report every problem at once.
+Sections: ``model``, ``data``, ``loss`` (dataclasses below) and ``training`` (any
+``transformers.TrainingArguments`` field under its own name, plus the MPO run settings of
+``RunExtras``). Defaults <- YAML <- overrides; each value is type-checked against its annotation
+(pydantic, strict) as it is set, so an unknown key or a wrong type fails at start-up naming the
+key (and the closest valid key); cross-field rules live in ``validate`` and report every problem
+at once. This module imports neither torch nor transformers at import time: ``mpo --help`` and
+``mpo train --help`` stay fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,74 +27,91 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the key."""
 
 
+def opt(default: Any, help: str) -> Any:  # noqa: A002 (the name argparse users expect)
+    """A dataclass field with a help text (shown by ``mpo train --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     """Which checkpoint to train and how to hold it."""
 
-    path: str = ""  # hub id or local folder (native -hf or original InternVLChatModel format)
-    ref_path: str | None = None  # reference model; defaults to ``path``
-    reference: Literal["copy", "lora_disabled", "cache"] = "copy"
-    ref_cache: str | None = None  # folder written by `mpo precompute-ref` (reference = cache)
-    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    freeze_vision: bool = False
-    freeze_projector: bool = False
-    freeze_llm: bool = False
-    unfreeze_vision_last_n: int = 0
-    lora: dict[str, Any] | None = None  # peft LoRA settings, see mpo.model.lora
-    logprob_chunk_size: int = 4096  # response tokens per LM-head chunk (bounds logits memory)
-    # One LLM pass over [prompt | chosen | rejected] per pair instead of two full rows
-    # (mpo.shared_prompt); needs sdpa or eager attention for its block mask.
-    shared_prompt: bool = False
+    path: str = opt("", "hub id or local folder (native -hf or original InternVLChatModel format)")
+    ref_path: str | None = opt(None, "reference model; default: model.path")
+    reference: Literal["copy", "lora_disabled", "cache"] = opt(
+        "copy", "copy: a frozen copy; lora_disabled: the LoRA base; cache: precomputed log-probs"
+    )
+    ref_cache: str | None = opt(None, "folder written by `mpo precompute-ref` (reference=cache)")
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "parameter dtype when loading")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "LLM attention kernel")
+    freeze_vision: bool = opt(False, "freeze the vision tower")
+    freeze_projector: bool = opt(False, "freeze the MLP projector")
+    freeze_llm: bool = opt(False, "freeze the language model and LM head")
+    unfreeze_vision_last_n: int = opt(0, "with freeze_vision: train the last N ViT layers")
+    lora: dict[str, Any] | None = opt(None, "peft LoRA settings {target: llm|vision|both, r, alpha, dropout}")
+    logprob_chunk_size: int = opt(4096, "response tokens per LM-head call (bounds the logits memory)")
+    shared_prompt: bool = opt(
+        False, "one LLM pass over [prompt | chosen | rejected] per pair (sdpa/eager attention)"
+    )
 
 
 @dataclass
 class DataConfig:
     """MMPR preference data and how it becomes model inputs."""
 
-    meta_path: str = ""  # MMPR meta JSON (or a .jsonl file with the same columns)
-    eval_meta_path: str | None = None  # held-out split, same format
-    system_message: str | None = None  # None: InternVL's default system prompt
-    max_length: int = 8192  # tokens per sequence (prompt + response)
-    truncation: Literal["truncate_response", "skip"] = "truncate_response"
-    max_dynamic_patch: int = 12  # default tile budget; a meta entry may override it
-    min_dynamic_patch: int = 1
-    use_thumbnail: bool = True
-    on_bad_sample: Literal["error", "skip"] = "error"
-    max_bad_fraction: float = 0.01  # with on_bad_sample=skip: fail if more than this share is bad
-    video_min_frames: int = 8
-    video_max_frames: int = 32
-    seed: int = 42  # subsampling for repeat_time < 1
-    group_by_length: bool = False
+    meta_path: str = opt("", "MMPR meta JSON, a .jsonl file, or a HF datasets folder/.parquet/.arrow")
+    eval_meta_path: str | None = opt(None, "held-out pairs, same formats")
+    system_message: str | None = opt(None, "system prompt; default: InternVL's")
+    max_length: int = opt(8192, "tokens per sequence (prompt + response); image spans are never cut")
+    truncation: Literal["truncate_response", "skip"] = opt(
+        "truncate_response", "what to do with a sequence over max_length"
+    )
+    max_dynamic_patch: int = opt(12, "tile budget per sample; a meta entry may override it")
+    min_dynamic_patch: int = opt(1, "fewest tiles per image")
+    use_thumbnail: bool = opt(True, "add a thumbnail tile when an image has several tiles")
+    on_bad_sample: Literal["error", "skip"] = opt(
+        "error", "a bad line stops the run, or is skipped and counted"
+    )
+    max_bad_fraction: float = opt(0.01, "with on_bad_sample=skip: fail when more than this share is bad")
+    video_min_frames: int = opt(8, "fewest frames sampled from a video")
+    video_max_frames: int = opt(32, "most frames sampled from a video")
+    seed: int = opt(42, "seed of the subsample when repeat_time < 1")
+    group_by_length: bool = opt(False, "batch pairs of similar estimated length (less padding)")
 
 
 @dataclass
 class LossConfig:
-    """MPO loss: w_p * preference + w_q * quality (BCO pair with delta) + w_g * generation (SFT).
+    """MPO loss: w_p·preference + w_q·quality (BCO pair with δ) + w_g·generation (SFT).
 
-    Defaults are the paper's (Wang et al. 2024, "Enhancing the Reasoning Ability of Multimodal
-    Large Language Models via Mixed Preference Optimization", §3.2).
+    Defaults are the paper's (Wang et al. 2024, arXiv:2411.10442, §3.2).
     """
 
-    beta: float = 0.1
-    preference_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
-    preference_weight: float = 0.8
-    quality_weight: float = 0.2
-    generation_weight: float = 1.0
-    label_smoothing: float = 0.0  # for preference_type=sigmoid (conservative DPO)
+    beta: float = opt(0.1, "β of the preference and quality terms")
+    preference_type: Literal["sigmoid", "hinge", "ipo"] = opt("sigmoid", "preference loss (DPO sigmoid)")
+    preference_weight: float = opt(0.8, "w_p")
+    quality_weight: float = opt(0.2, "w_q (BCO pair with its running reward shift δ)")
+    generation_weight: float = opt(1.0, "w_g (SFT on the chosen answer)")
+    label_smoothing: float = opt(0.0, "conservative DPO, for preference_type=sigmoid")
+    sft_normalization: Literal["sequence", "token"] = opt(
+        "token",
+        "sequence: mean over pairs of each chosen answer's per-token NLL (paper, official run); "
+        "token: one token mean over the optimizer step",
+    )
 
 
 @dataclass
 class RunExtras:
     """MPO-only run settings that sit in the ``training`` section beside TrainingArguments fields."""
 
-    sample_steps: int = 0  # every N steps, log greedy answers to fixed held-out prompts (0: off)
-    sample_num_prompts: int = 4
-    sample_max_new_tokens: int = 32
-    run_tags: list[str] = field(default_factory=list)  # wandb tags
-    # A fresh run into an output_dir that holds another run's metrics or checkpoints is refused
-    # unless this is set; then those outputs are deleted first (the demo sets it).
-    overwrite_output_dir: bool = False
+    sample_steps: int = opt(0, "every N steps, log greedy answers to fixed held-out prompts (0: off)")
+    sample_num_prompts: int = opt(4, "prompts for sample_steps")
+    sample_max_new_tokens: int = opt(32, "tokens per sampled answer")
+    run_tags: list[str] = opt([], "wandb tags")
+    overwrite_output_dir: bool = opt(
+        False, "a fresh run into an output_dir holding another run's outputs deletes them (else refused)"
+    )
 
 
 # TrainingArguments values we set unless the YAML says otherwise; MPO needs every batch column.
@@ -130,69 +150,89 @@ class ExperimentConfig:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig}
 
 
+# ---- typing ----------------------------------------------------------------------------------
 def _suggest(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _training_fields() -> dict[str, Any]:
+@functools.cache
+def training_fields() -> dict[str, Any]:
+    """Type hints of every ``transformers.TrainingArguments`` init field (imports transformers)."""
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (as parsed from YAML) fits the annotation ``hint``."""
-    if hint is Any or hint is typing.Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if origin in (list, tuple, set):
-        return isinstance(value, (list, tuple))
-    if origin is dict:
-        return isinstance(value, dict)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if isinstance(hint, type):
-        import enum
-
-        if issubclass(hint, enum.Enum):
-            return isinstance(value, str) and value in {m.value for m in hint}
-        return isinstance(value, hint)
-    return True  # unknown typing constructs: let TrainingArguments validate
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(str(v) for v in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _coerce(value: Any, hint: Any) -> Any:
-    # YAML 1.1 reads a bare `no` as false: `save_strategy: no` means the string "no".
-    if value is False and not _type_ok(False, hint) and _type_ok("no", hint):
+def _literal_values(hint: Any) -> tuple | None:
+    """The allowed values when ``hint`` is a Literal (or Literal | None)."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        return typing.get_args(args[0])
+    return None
+
+
+def _yaml_quirks(value: Any, hint: Any) -> Any:
+    """What YAML 1.1 reads differently from what the user meant."""
+    from pydantic import TypeAdapter, ValidationError
+
+    def fits(v: Any) -> bool:
+        try:
+            TypeAdapter(hint).validate_python(v, strict=True)
+            return True
+        except (ValidationError, TypeError):
+            return False
+
+    # A bare `no` reads as false: `save_strategy: no` means the string "no".
+    if value is False and not fits(False) and fits("no"):
         return "no"
-    # YAML reads 1e-6 as a string; accept numeric strings where a float is expected.
-    if isinstance(value, str) and _type_ok(1.0, hint) and not _type_ok(value, hint):
+    # PyYAML reads 1e-6 (no dot) as a string; accept numeric strings where a number is expected.
+    if isinstance(value, str) and not fits(value) and fits(1.0):
         try:
             return float(value)
         except ValueError:
             return value
-    if isinstance(value, int) and not isinstance(value, bool) and hint is float:
-        return float(value)
     return value
 
 
+def check_value(value: Any, hint: Any, key: str, source: str) -> Any:
+    """``value`` validated against ``hint`` (strict: no silent str -> int); ConfigError naming ``key``."""
+    from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
+
+    value = _yaml_quirks(value, hint)
+    try:
+        adapter = TypeAdapter(hint)
+    except (PydanticSchemaGenerationError, TypeError):
+        return value  # an annotation pydantic cannot express: TrainingArguments validates it
+    try:
+        checked = adapter.validate_python(value, strict=True)
+    except ValidationError:
+        allowed = _literal_values(hint)
+        if allowed is not None:
+            raise ConfigError(
+                f"{source}: '{key}' must be one of {', '.join(str(a) for a in allowed)}, got {value!r}"
+            ) from None
+        raise ConfigError(
+            f"{source}: '{key}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})"
+        ) from None
+    # Keep YAML's own objects (a dict stays a dict, an enum-typed field keeps its string).
+    return checked if isinstance(checked, (bool, int, float)) and not isinstance(value, str) else value
+
+
+# ---- loading ---------------------------------------------------------------------------------
 def _apply(cfg: ExperimentConfig, raw: dict[str, Any], source: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with sections model/data/loss/training")
@@ -204,44 +244,28 @@ def _apply(cfg: ExperimentConfig, raw: dict[str, Any], source: str) -> None:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping, got {type(values).__name__}")
-        if section == "training":
-            hints = _training_fields()
-            for key, value in values.items():
-                _set_training(cfg, hints, key, value, source)
-            continue
-        obj = getattr(cfg, section)
-        hints = typing.get_type_hints(type(obj))
         for key, value in values.items():
+            if section == "training":
+                _set_training(cfg, key, value, source)
+                continue
+            hints = _hints(SECTIONS[section])
             if key not in hints:
                 raise ConfigError(f"{source}: unknown key '{section}.{key}'{_suggest(key, hints)}")
-            value = _coerce(value, hints[key])
-            if not _type_ok(value, hints[key]):
-                raise ConfigError(
-                    f"{source}: '{section}.{key}' must be {_describe(hints[key])}, got {value!r} ({type(value).__name__})"
-                )
-            setattr(obj, key, value)
+            setattr(getattr(cfg, section), key, check_value(value, hints[key], f"{section}.{key}", source))
 
 
-def _set_training(cfg: ExperimentConfig, hints: dict[str, Any], key: str, value: Any, source: str) -> None:
-    extra_hints = typing.get_type_hints(RunExtras)
+def _set_training(cfg: ExperimentConfig, key: str, value: Any, source: str) -> None:
+    extra_hints = _hints(RunExtras)
     if key in extra_hints:
-        value = _coerce(value, extra_hints[key])
-        if not _type_ok(value, extra_hints[key]):
-            raise ConfigError(
-                f"{source}: 'training.{key}' must be {_describe(extra_hints[key])}, got {value!r} ({type(value).__name__})"
-            )
-        setattr(cfg.extras, key, value)
+        setattr(cfg.extras, key, check_value(value, extra_hints[key], f"training.{key}", source))
         return
+    hints = training_fields()
     if key not in hints:
         raise ConfigError(
-            f"{source}: unknown key 'training.{key}' (not a transformers.TrainingArguments field){_suggest(key, [*hints, *extra_hints])}"
+            f"{source}: unknown key 'training.{key}' (not a transformers.TrainingArguments field)"
+            + _suggest(key, [*hints, *extra_hints])
         )
-    value = _coerce(value, hints[key])
-    if not _type_ok(value, hints[key]):
-        raise ConfigError(
-            f"{source}: 'training.{key}' must be {_describe(hints[key])}, got {value!r} ({type(value).__name__})"
-        )
-    cfg.training[key] = value
+    cfg.training[key] = check_value(value, hints[key], f"training.{key}", source)
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -260,9 +284,9 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), check: bool = True
 ) -> ExperimentConfig:
-    """Defaults <- YAML file <- overrides, then ``validate``.
+    """Defaults <- YAML file <- overrides, then ``validate`` (unless ``check`` is false).
 
     Relative paths in the YAML (model.path, data.meta_path, ...) are kept as written: they resolve
     against the working directory, like the command line they came from.
@@ -280,56 +304,29 @@ def load_config(
         cfg.config_path = str(p)
     for text in overrides:
         _apply(cfg, parse_override(text), f"override '{text}'")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
+# ---- cross-field rules -----------------------------------------------------------------------
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-field rules; raises one ConfigError listing every problem."""
-    problems: list[str] = []
-    m, d, loss, t = cfg.model, cfg.data, cfg.loss, cfg.training
-    if not m.path:
-        problems.append("model.path is required (a hub id or a local checkpoint folder)")
-    if not d.meta_path:
-        problems.append("data.meta_path is required (an MMPR meta JSON or a .jsonl file)")
-    if loss.beta <= 0:
-        problems.append(f"loss.beta must be > 0, got {loss.beta}")
-    weights = (loss.preference_weight, loss.quality_weight, loss.generation_weight)
-    if any(w < 0 for w in weights):
-        problems.append("loss weights must be >= 0")
-    elif sum(weights) == 0:
-        problems.append(
-            "loss.preference_weight, quality_weight and generation_weight are all 0: nothing to train"
-        )
-    if not 0 <= loss.label_smoothing < 0.5:
-        problems.append(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
-    if d.max_length < 16:
-        problems.append(f"data.max_length must be >= 16, got {d.max_length}")
-    if not 1 <= d.min_dynamic_patch <= d.max_dynamic_patch:
-        problems.append("data.min_dynamic_patch must be >= 1 and <= data.max_dynamic_patch")
-    if not 0 <= d.max_bad_fraction <= 1:
-        problems.append("data.max_bad_fraction must be in [0, 1]")
-    if not 1 <= d.video_min_frames <= d.video_max_frames:
-        problems.append("data.video_min_frames must be >= 1 and <= data.video_max_frames")
-    if t.get("load_best_model_at_end"):
-        problems.append(
-            "training.load_best_model_at_end is not supported: checkpoints rotate by completion, not by "
-            "metric. Pick the checkpoint from metrics.jsonl's eval_* lines and `mpo consolidate` it"
-        )
-    if not d.eval_meta_path:
-        strategy = str(t.get("eval_strategy", "no")).lower().split(".")[-1]
-        if strategy != "no":
-            problems.append(
-                f"training.eval_strategy={strategy} needs held-out pairs: set data.eval_meta_path, "
-                "or training.eval_strategy=no"
-            )
-        if t.get("eval_on_start"):
-            problems.append("training.eval_on_start=true needs held-out pairs: set data.eval_meta_path")
     from mpo.model.freeze import freezing_problems
     from mpo.model.lora import lora_problems
 
-    problems += freezing_problems(m)
-    problems += lora_problems(m.lora)
+    problems = model_problems(cfg.model) + data_problems(cfg.data) + loss_problems(cfg.loss)
+    problems += training_problems(cfg)
+    problems += freezing_problems(cfg.model) + lora_problems(cfg.model.lora)
+    if problems:
+        where = f" in {cfg.config_path}" if cfg.config_path else ""
+        raise ConfigError(f"invalid configuration{where}:\n  - " + "\n  - ".join(problems))
+
+
+def model_problems(m: ModelConfig) -> list[str]:
+    problems = []
+    if not m.path:
+        problems.append("model.path is required (a hub id or a local checkpoint folder)")
     if m.reference == "lora_disabled" and not m.lora:
         problems.append("model.reference=lora_disabled needs model.lora settings")
     if m.shared_prompt and m.attn_implementation == "flash_attention_2":
@@ -341,11 +338,70 @@ def validate(cfg: ExperimentConfig) -> None:
         problems.append("model.reference=cache needs model.ref_cache (written by `mpo precompute-ref`)")
     if m.logprob_chunk_size < 1:
         problems.append("model.logprob_chunk_size must be >= 1")
+    return problems
+
+
+def data_problems(d: DataConfig) -> list[str]:
+    problems = []
+    if not d.meta_path:
+        problems.append("data.meta_path is required (an MMPR meta JSON or a .jsonl file)")
+    if d.max_length < 16:
+        problems.append(f"data.max_length must be >= 16, got {d.max_length}")
+    if not 1 <= d.min_dynamic_patch <= d.max_dynamic_patch:
+        problems.append("data.min_dynamic_patch must be >= 1 and <= data.max_dynamic_patch")
+    if not 0 <= d.max_bad_fraction <= 1:
+        problems.append("data.max_bad_fraction must be in [0, 1]")
+    if not 1 <= d.video_min_frames <= d.video_max_frames:
+        problems.append("data.video_min_frames must be >= 1 and <= data.video_max_frames")
+    return problems
+
+
+def loss_problems(loss: LossConfig) -> list[str]:
+    problems = []
+    if loss.beta <= 0:
+        problems.append(f"loss.beta must be > 0, got {loss.beta}")
+    weights = (loss.preference_weight, loss.quality_weight, loss.generation_weight)
+    if any(w < 0 for w in weights):
+        problems.append("loss weights must be >= 0")
+    elif sum(weights) == 0:
+        problems.append(
+            "loss.preference_weight, quality_weight and generation_weight are all 0: nothing to train"
+        )
+    if not 0 <= loss.label_smoothing < 0.5:
+        problems.append(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
+    return problems
+
+
+def training_problems(cfg: ExperimentConfig) -> list[str]:
+    """Rules on the ``training`` section (TrainingArguments fields and our extras)."""
+    t, problems = cfg.training, []
+    if t.get("load_best_model_at_end"):
+        problems.append(
+            "training.load_best_model_at_end is not supported: checkpoints rotate by completion, not by "
+            "metric. Pick the checkpoint from metrics.jsonl's eval_* lines and `mpo consolidate` it"
+        )
+    if str(t.get("train_sampling_strategy", "random")).lower().endswith("group_by_length"):
+        problems.append(
+            "training.train_sampling_strategy=group_by_length looks for an input_ids column, which "
+            "preference pairs do not have: use data.group_by_length=true instead"
+        )
+    if not cfg.data.eval_meta_path:
+        strategy = str(t.get("eval_strategy", "no")).lower().split(".")[-1]
+        if strategy != "no":
+            problems.append(
+                f"training.eval_strategy={strategy} needs held-out pairs: set data.eval_meta_path, "
+                "or training.eval_strategy=no"
+            )
+        if t.get("eval_on_start"):
+            problems.append("training.eval_on_start=true needs held-out pairs: set data.eval_meta_path")
     if t.get("remove_unused_columns", False):
         problems.append("training.remove_unused_columns must stay false: MPO batches carry custom columns")
-    if problems:
-        where = f" in {cfg.config_path}" if cfg.config_path else ""
-        raise ConfigError(f"invalid configuration{where}:\n  - " + "\n  - ".join(problems))
+    return problems
+
+
+# ---- output ----------------------------------------------------------------------------------
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 def save_config(cfg: ExperimentConfig, out_dir: str | os.PathLike) -> Path:
@@ -353,5 +409,22 @@ def save_config(cfg: ExperimentConfig, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+    path.write_text(to_yaml(cfg))
     return path
+
+
+def describe_keys() -> str:
+    """Every section and key with its type, default and help (``mpo train --help``)."""
+    lines = []
+    for section, cls in [*SECTIONS.items(), ("training", RunExtras)]:
+        title = section if section != "training" else "training (MPO settings)"
+        lines.append(f"{title}:")
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {default!r}  [{_describe(hints[f.name])}]")
+            if f.metadata.get("help"):
+                lines.append(f"      {f.metadata['help']}")
+    lines.append("training (transformers.TrainingArguments): any field under its own name; our defaults:")
+    lines += [f"  {k} = {v!r}" for k, v in TRAINING_DEFAULTS.items()]
+    return "\n".join(lines)

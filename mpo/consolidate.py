@@ -7,13 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-
 
 def _zero_tags(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.iterdir() if p.is_dir() and p.name.startswith("global_step"))
@@ -23,7 +16,7 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
     """Write ``ckpt``'s weights as a full HF-format InternVL model (with tokenizer) to ``out``.
 
     ZeRO checkpoints are merged with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (its
-    ``zero_to_fp32.py --safe_serialization`` script fails on tied embeddings, facts §7); a plain
+    ``zero_to_fp32.py --safe_serialization`` script fails on tied embeddings in DeepSpeed 0.19.8); a plain
     checkpoint is re-saved as is.
     """
     from transformers import AutoConfig, InternVLForConditionalGeneration
@@ -49,13 +42,13 @@ def consolidate(ckpt: str | Path, out: str | Path) -> Path:
         model = InternVLForConditionalGeneration.from_pretrained(ckpt)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    from mpo.model.export import TOKENIZER_FILES, write_export_metadata
+
     for name in TOKENIZER_FILES:
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, out / name)
     # The same serving files as a run's final/: chat template with the run's system prompt,
     # generation config, image processor settings, model card.
-    from mpo.model.export import write_export_metadata
-
     step = ckpt.name.rsplit("-", 1)[-1]
     summary = {"global_step": int(step)} if step.isdigit() else {}
     write_export_metadata(out, _run_config(ckpt.parent), summary, extra={"consolidated_from": str(ckpt)})
@@ -86,6 +79,3 @@ def cmd_consolidate(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-CLI_COMMANDS = {"consolidate": cmd_consolidate}

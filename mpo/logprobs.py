@@ -1,6 +1,6 @@
 """Batch -> per-sequence response log-probs, with one vision pass per pair.
 
-Two things the public MPO trainers do not do (facts §6):
+Two things the public MPO trainers (InternVL's ``trainer_dpo.py``, TRL's ``DPOTrainer``) do not do:
 - the vision encoder and projector run once per pair; the features go into both the chosen and
   the rejected sequence;
 - only hidden states at trained (response) positions go through the LM head, in chunks, so no
@@ -28,21 +28,22 @@ class SequenceLogps:
         return self.logps[:half], self.logps[half:]
 
 
-def token_logps_brute_force(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Reference implementation: full ``log_softmax`` + ``gather``; summed per row, ``(N,)``."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != ignore_index
-    lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lp * mask).sum(-1)
+def lm_head_calls(labels: torch.Tensor, chunk_size: int) -> int:
+    """LM-head calls ``response_logps`` makes for ``labels``: one per ``chunk_size`` trained
+    positions, at least one (so even a batch without trained tokens keeps a gradient path)."""
+    trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return max(1, -(-trained // chunk_size))
 
 
-def _lockstep_max(n: int, device) -> int:
+def lockstep_lm_head_calls(labels: torch.Tensor, chunk_size: int) -> int:
+    """The most LM-head calls any rank needs for its batch (one all-reduce).
+
+    ZeRO-3 gathers a module's weights at each call, a collective, so every rank must call the LM
+    head the same number of times or the ranks with fewer calls hang.
+    """
     import torch.distributed as dist
 
-    t = torch.tensor([n], dtype=torch.long, device=device)
+    t = torch.tensor([lm_head_calls(labels, chunk_size)], dtype=torch.long, device=labels.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -52,8 +53,8 @@ def response_logps(
     labels: torch.Tensor,
     lm_head: torch.nn.Module,
     chunk_size: int = 4096,
+    calls: int | None = None,
     ignore_index: int = IGNORE_INDEX,
-    lockstep: bool = False,
 ) -> SequenceLogps:
     """Log-probs of trained tokens from final hidden states, LM head applied only there.
 
@@ -61,9 +62,8 @@ def response_logps(
         hidden: ``(N, L, H)`` last hidden states. labels: ``(N, L)``, ``ignore_index`` where untrained.
         lm_head: the output projection (tied to the embeddings in InternVL2.5-1B).
         chunk_size: positions per LM-head call; bounds the logits buffer to ``chunk x vocab``.
-        lockstep: every rank calls the LM head the same number of times (the most any rank
-            needs, empty chunks included). ZeRO-3 gathers a module's weights at each call, a
-            collective, so ranks with different response lengths would otherwise hang.
+        calls: LM-head calls to make (empty chunks included), at least ``lm_head_calls(labels,
+            chunk_size)``; data-parallel ranks pass ``lockstep_lm_head_calls`` so they match.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
@@ -71,16 +71,18 @@ def response_logps(
     selected = hidden[:, :-1][rows, cols]  # (T, H)
     tokens = targets[rows, cols]
     parts = []
-    n_chunks = -(-selected.shape[0] // chunk_size)
-    if lockstep:
-        n_chunks = _lockstep_max(max(n_chunks, 1), hidden.device)
-    for k in range(n_chunks):
+    needed = max(1, -(-selected.shape[0] // chunk_size))  # = lm_head_calls(labels, chunk_size)
+    if calls is not None and calls < needed:
+        raise ValueError(
+            f"{calls} LM-head calls cannot cover {selected.shape[0]} positions in chunks of {chunk_size}"
+        )
+    for k in range(calls or needed):
         start = k * chunk_size
         logits = lm_head(selected[start : start + chunk_size]).float()
         # log p(token) = logit[token] - logsumexp(logits): avoids a second (chunk, vocab) buffer.
         tok = tokens[start : start + chunk_size]
         parts.append(logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1))
-    token_lp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    token_lp = torch.cat(parts)
     n = labels.shape[0]
     logps = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_lp)
     counts = mask.sum(-1)
@@ -134,29 +136,13 @@ def pair_hidden_states(model, batch: dict, lockstep: bool = False) -> torch.Tens
     return out.last_hidden_state
 
 
-def batch_logps(model, batch: dict, chunk_size: int = 4096, lockstep: bool = False) -> SequenceLogps:
+def batch_logps(
+    model, batch: dict, chunk_size: int = 4096, lockstep: bool = False, calls: int | None = None
+) -> SequenceLogps:
     """Summed response log-probs of every row of a pair batch (see ``PairCollator``).
 
-    ``lockstep``: run the same modules the same number of times on every rank (data-parallel
-    training; see ``response_logps`` and ``idle_vision_term``).
+    ``lockstep`` (data-parallel training): a batch without images still runs the vision tower
+    (``idle_vision_term``); ``calls``: LM-head calls to make (``response_logps``).
     """
     hidden = pair_hidden_states(model, batch, lockstep)
-    return response_logps(
-        hidden, batch["labels"], model.get_output_embeddings(), chunk_size, lockstep=lockstep
-    )
-
-
-def naive_batch_logps(model, batch: dict) -> SequenceLogps:
-    """The peers' path, for tests: a full forward per half with its own vision pass and full logits."""
-    half = batch["input_ids"].shape[0] // 2
-    results = []
-    for rows in (slice(0, half), slice(half, None)):
-        out = model(
-            input_ids=batch["input_ids"][rows],
-            attention_mask=batch["attention_mask"][rows],
-            pixel_values=batch.get("pixel_values"),
-            use_cache=False,
-        )
-        results.append(token_logps_brute_force(out.logits, batch["labels"][rows]))
-    labels = batch["labels"]
-    return SequenceLogps(logps=torch.cat(results), num_tokens=(labels[:, 1:] != IGNORE_INDEX).sum(-1))
+    return response_logps(hidden, batch["labels"], model.get_output_embeddings(), chunk_size, calls)

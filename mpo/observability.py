@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -28,8 +27,9 @@ from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.trainer_callback import PrinterCallback
 
 from mpo.config import ConfigError
-from mpo.data.events import is_skipped
 from mpo.data.template import IGNORE_INDEX
+from mpo.distributed import deepspeed_stage
+from mpo.stats import percentiles
 
 logger = logging.getLogger(__name__)
 
@@ -231,14 +231,6 @@ class MPOProgressCallback(ProgressCallback):
 
 
 # ---- start-up summary ------------------------------------------------------------------------
-def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 100)) -> dict[int, float]:
-    """Nearest-rank percentiles (the q-th smallest value at rank ceil(q/100·n))."""
-    if not values:
-        return {}
-    s = sorted(values)
-    return {q: s[max(0, math.ceil(q / 100 * len(s)) - 1)] for q in qs}
-
-
 def tiles_per_pair(dataset, max_items: int = 32) -> list[int]:
     """Tile counts of up to ``max_items`` evenly spaced pairs (0 for text-only; skipped pairs left out).
 
@@ -250,18 +242,15 @@ def tiles_per_pair(dataset, max_items: int = 32) -> list[int]:
     idx = sorted({int(k * n / min(n, max_items)) for k in range(min(n, max_items))})
     out = []
     for i in idx:
-        item = dataset[i]
-        if not is_skipped(item):
-            out.append(int(sum(item["num_tiles"])))
+        pair, _ = dataset[i]
+        if pair is not None:
+            out.append(int(sum(pair["num_tiles"])))
     return out
 
 
 def zero_stage(trainer) -> int | None:
     """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
-    if not getattr(trainer, "is_deepspeed_enabled", False):
-        return None
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    return deepspeed_stage(trainer.args.deepspeed) if trainer.is_deepspeed_enabled else None
 
 
 def _count(n: int) -> str:
@@ -289,8 +278,8 @@ def startup_summary(trainer, cfg, sample_items: int = 32) -> str:
         parts.append(f"eval {len(trainer.eval_dataset)} pairs")
     tiles = tiles_per_pair(train, sample_items)
     if tiles:
-        p = percentiles(tiles)
-        parts.append(f"tiles/pair p50 {p[50]} p90 {p[90]} max {p[100]} (of {len(tiles)})")
+        p = percentiles(tiles, (50, 90, 100))
+        parts.append(f"tiles/pair p50 {p['p50']} p90 {p['p90']} max {p['max']} (of {len(tiles)})")
     world = args.world_size
     accum = args.gradient_accumulation_steps
     per_dev = args.per_device_train_batch_size
@@ -342,8 +331,8 @@ class SampleGenerationCallback(TrainerCallback):
         for i in range(len(ds)):
             if len(prompts) >= self.num_prompts:
                 break
-            item = ds[i]
-            if is_skipped(item):
+            item, _ = ds[i]
+            if item is None:
                 continue
             _, _, record = ds.source.get(i)
             prompts.append(

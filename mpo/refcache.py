@@ -1,7 +1,7 @@
 """Reference log-prob cache: computed once per pair, so training holds no reference model.
 
-TRL raises on ``precompute_ref_log_probs`` for vision data and ms-swift / LLaMA-Factory have no
-equivalent (facts §6). Here ``mpo precompute-ref --config X`` runs the reference model over every
+TRL 1.16 raises on ``precompute_ref_log_probs`` for vision data and ms-swift / LLaMA-Factory have no
+equivalent. Here ``mpo precompute-ref --config X`` runs the reference model over every
 pair of ``data.meta_path`` (and ``data.eval_meta_path``) once and writes, in ``model.ref_cache``::
 
     shard-00000-of-00002.safetensors   keys (N, 32) uint8 sha256 digests, chosen (N,), rejected (N,) float64
@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpo.data.events import DataEvents, gather_events
 from mpo.data.mmpr import DataError
 
 CACHE_FORMAT = 1
@@ -131,46 +131,34 @@ def data_settings(pair_dataset) -> dict[str, Any]:
     }
 
 
-def _media_paths(obj: dict, where: str) -> list[tuple[str, Any]]:
-    """(field, value) of each image or video, by the encoder's rules (``""`` / ``[]``: none)."""
-    from mpo.data.pairs import media_entries
-
-    kind, media = media_entries(obj, where)
-    if kind == "video":
-        return [("video", media[0])]
-    if isinstance(obj.get("image"), list):
-        return [(f"image[{k}]", v) for k, v in enumerate(media)]
-    return [("image", v) for v in media]
-
-
 def _media_digest(root: Path, value: Any, where: str, field: str) -> str:
     """sha256 of one image or video as the encoder reads it: a file under ``root``, or the bytes a
     HF ``datasets`` Image column holds (the same digest as the file they came from)."""
-    from mpo.data.pairs import resolve_media
+    from mpo.data.pairs import media_source
 
-    if isinstance(value, dict) and value.get("bytes"):
-        return hashlib.sha256(value["bytes"]).hexdigest()
-    if isinstance(value, dict) and value.get("path"):
-        value = value["path"]
-    path = resolve_media(root, value, where, field)
-    if not path.is_file():
-        raise RefCacheError(f"{where}: field '{field}': file not found: {path}")
-    return _sha256_file(path)
+    source = media_source(root, value, where, field)
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).hexdigest()
+    if not source.is_file():
+        raise RefCacheError(f"{where}: field '{field}': file not found: {source}")
+    return _sha256_file(source)
 
 
 def pair_key(pair_dataset, index: int) -> bytes:
     """sha256 digest (32 bytes) of pair ``index``: texts, media bytes and its tile budget."""
+    from mpo.data.pairs import media_fields, tile_budget
+
     spec, line_no, obj = pair_dataset.source.get(index)
     where = f"{spec.annotation}:{line_no}"
-    media = []
-    for field, value in _media_paths(obj, where):
-        media.append([field, _media_digest(spec.root, value, where, field)])
+    media = [
+        [field, _media_digest(spec.root, value, where, field)] for field, value in media_fields(obj, where)
+    ]
     record = {
         "question": obj.get("question"),
         "chosen": obj.get("chosen"),
         "rejected": obj.get("rejected"),
         "media": media,
-        "tile_budget": spec.max_dynamic_patch or pair_dataset.cfg.max_dynamic_patch,
+        "tile_budget": tile_budget(spec, pair_dataset.cfg),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).digest()
 
@@ -237,7 +225,7 @@ class RefCache:
 
 
 class RefCachedDataset(torch.utils.data.Dataset):
-    """A ``PairDataset`` whose items also carry ``ref_chosen_logps`` / ``ref_rejected_logps``."""
+    """A ``PairDataset`` whose pairs also carry ``ref_chosen_logps`` / ``ref_rejected_logps``."""
 
     def __init__(self, pairs, cache: RefCache):
         self.pairs = pairs
@@ -246,18 +234,21 @@ class RefCachedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getattr__(self, name: str):  # source, skipped, ... of the wrapped dataset (run.py reads them)
-        if name in ("pairs", "cache"):
-            raise AttributeError(name)
-        return getattr(self.pairs, name)
+    @property
+    def source(self):
+        return self.pairs.source
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        item = self.pairs[i]
-        if item is None:  # a skipped bad sample: the collator drops it
-            return None
+    @property
+    def meta_path(self) -> Path:
+        return self.pairs.meta_path
+
+    def __getitem__(self, i: int):
+        pair, events = self.pairs[i]
+        if pair is None:  # a skipped sample: the collator drops it
+            return pair, events
         spec, line_no, _ = self.pairs.source.get(i)
         c, r = self.cache.lookup(pair_key(self.pairs, i), f"{spec.annotation}:{line_no}")
-        return {**item, "ref_chosen_logps": c, "ref_rejected_logps": r}
+        return {**pair, "ref_chosen_logps": c, "ref_rejected_logps": r}, events
 
 
 def open_ref_cache(
@@ -306,8 +297,10 @@ class _Keyed(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int):
-        item = self.pairs[self.indices[k]]
-        return None if item is None else {**item, "cache_key": pair_key(self.pairs, self.indices[k])}
+        pair, events = self.pairs[self.indices[k]]
+        if pair is not None:
+            pair = {**pair, "cache_key": pair_key(self.pairs, self.indices[k])}
+        return pair, events
 
 
 def shard_indices(pair_datasets: Iterable, rank: int, world: int) -> list[tuple[int, int]]:
@@ -319,12 +312,14 @@ def shard_indices(pair_datasets: Iterable, rank: int, world: int) -> list[tuple[
 @torch.no_grad()
 def compute_shard(
     model, pair_datasets: list, rank: int, world: int, batch_size: int, chunk_size: int, device
-) -> dict[bytes, tuple[float, float]]:
-    """Reference log-probs of this rank's share of the pairs, keyed by content hash."""
+) -> tuple[dict[bytes, tuple[float, float]], DataEvents]:
+    """Reference log-probs of this rank's share of the pairs, keyed by content hash, and the
+    events (skips) of reading them."""
     from mpo.data.collate import PairCollator
     from mpo.logprobs import batch_logps
 
     out: dict[bytes, tuple[float, float]] = {}
+    skipped = DataEvents()
     todo = shard_indices(pair_datasets, rank, world)
     for d, ds in enumerate(pair_datasets):
         collator = PairCollator(ds.encoder.template.tokenizer.pad_token_id)
@@ -333,15 +328,16 @@ def compute_shard(
             _Keyed(ds, indices), batch_size=batch_size, collate_fn=lambda x: x
         )
         for items in loader:
-            items = [it for it in items if it is not None and it["cache_key"] not in out]
+            skipped.add(DataEvents.total(ev for _, ev in items))
+            items = [(p, ev) for p, ev in items if p is not None and p["cache_key"] not in out]
             if not items:
                 continue
-            batch = collator(items)
+            batch, _ = collator(items)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             chosen, rejected = batch_logps(model, batch, chunk_size).split()
-            for it, c, r in zip(items, chosen.double().tolist(), rejected.double().tolist()):
-                out[it["cache_key"]] = (c, r)
-    return out
+            for (p, _), c, r in zip(items, chosen.double().tolist(), rejected.double().tolist()):
+                out[p["cache_key"]] = (c, r)
+    return out, skipped
 
 
 def shard_name(rank: int, world: int) -> str:
@@ -403,7 +399,8 @@ def precompute_ref(cfg, batch_size: int | None = None) -> Path:
     """Compute and write the reference cache for ``cfg`` (train + eval pairs); returns the folder."""
     import torch.distributed as dist
 
-    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.data.pairs import PairDataset
+    from mpo.data.tiling import VisionSpec
     from mpo.model.loading import load_model, load_tokenizer
 
     if not cfg.model.ref_cache:
@@ -424,17 +421,16 @@ def precompute_ref(cfg, batch_size: int | None = None) -> Path:
     ref_path = cfg.model.ref_path or cfg.model.path
     tokenizer = load_tokenizer(cfg.model.path)  # the training run's tokenizer makes the token ids
     model = load_model(ref_path, cfg.model.torch_dtype, cfg.model.attn_implementation).to(device).eval()
-    vision = VisionSpec.from_model_config(model.config)
+    vision = VisionSpec.from_config(model.config)
     datasets = [PairDataset(cfg.data.meta_path, tokenizer, vision, cfg.data)]
     if cfg.data.eval_meta_path:
         datasets.append(PairDataset(cfg.data.eval_meta_path, tokenizer, vision, cfg.data))
     bs = batch_size or int(cfg.training.get("per_device_eval_batch_size", 1))
-    values = compute_shard(model, datasets, rank, world, bs, cfg.model.logprob_chunk_size, device)
+    values, events = compute_shard(model, datasets, rank, world, bs, cfg.model.logprob_chunk_size, device)
     write_shard(folder, rank, world, values)
-    if world > 1:
-        dist.barrier()
+    events = gather_events(events)  # collective; also a barrier: every shard is written
     if rank == 0:
-        skipped = {k: v for ds in datasets for k, v in ds.skipped.items()}
+        skipped = dict(events.skipped)
         write_manifest(
             folder,
             world,
@@ -450,44 +446,3 @@ def precompute_ref(cfg, batch_size: int | None = None) -> Path:
     if world > 1:
         dist.barrier()
     return folder
-
-
-def cmd_precompute_ref(argv: list[str]) -> int:
-    from mpo.cli import config_parser
-    from mpo.config import ConfigError, load_config
-    from mpo.model.loading import ModelLoadError
-
-    p = config_parser("Compute reference log-probs for every pair once (model.ref_cache)")
-    p.prog = "mpo precompute-ref"
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="pairs per forward (default: per_device_eval_batch_size)"
-    )
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        folder = precompute_ref(cfg, args.batch_size)
-    except (ConfigError, ModelLoadError, RefCacheError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        m = json.loads((folder / MANIFEST_NAME).read_text())
-        print(
-            f"reference cache: {folder} ({m['num_unique_pairs']} unique pairs of {m['num_pairs']}, {len(m['shards'])} shard(s))"
-        )
-    return 0
-
-
-CLI_COMMANDS = {"precompute-ref": cmd_precompute_ref}
-
-
-def _main() -> int:  # python -m mpo.refcache --config X (e.g. under torchrun)
-    return cmd_precompute_ref(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -689,6 +689,3 @@ def cmd_report(argv: list[str]) -> int:
     print(format_findings(rep.findings))
     print(f"report: {rep.html}  ({len(rep.plots)} plots)")
     return 0
-
-
-CLI_COMMANDS = {"report": cmd_report}

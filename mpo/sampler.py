@@ -25,17 +25,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mpo.data.mmpr import DataError
-from mpo.data.pairs import media_entries
-from mpo.data.tiling import choose_grid
+from mpo.data.pairs import media_entries, media_fields, media_source, tile_budget
+from mpo.data.tiling import choose_grid, per_image_budget
 
 
-def image_tiles_from_header(path, max_num: int, min_num: int, image_size: int, use_thumbnail: bool) -> int:
-    """Tiles InternVL's tiling gives ``path``; reads the size from the header only (PIL is lazy).
-
-    Unreadable images count as one tile: the dataset itself reports them when it loads them.
+def image_tiles_from_header(source, max_num: int, min_num: int, image_size: int, use_thumbnail: bool) -> int:
+    """Tiles InternVL's tiling gives an image (a path or bytes); reads the size from the header
+    only (PIL is lazy). Unreadable images count as one tile: the dataset reports them when it loads them.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             width, height = im.size
     except (FileNotFoundError, UnidentifiedImageError, OSError, AttributeError, TypeError, ValueError):
         return 1
@@ -47,35 +46,26 @@ def image_tiles_from_header(path, max_num: int, min_num: int, image_size: int, u
 def _record_tiles(pairs, spec, obj: dict) -> int:
     cfg, vision = pairs.cfg, pairs.encoder.vision
     try:
-        kind, paths = media_entries(obj, "")  # the encoder's rules: "" and [] mean no media
+        kind, _ = media_entries(obj, "")  # the encoder's rules: "" and [] mean no media
+        fields = media_fields(obj, "")
     except DataError:
         return 0  # a bad record: the dataset skips or reports it
     if kind == "video":
         return cfg.video_max_frames  # an upper bound; frames are one tile each
     if kind == "text":
         return 0
-    budget = spec.max_dynamic_patch or cfg.max_dynamic_patch
-    per_image = max(1, budget // len(paths)) if len(paths) > 1 else budget
+    per_image = per_image_budget(tile_budget(spec, cfg), len(fields))
     total = 0
-    for value in paths:
+    for field, value in fields:
+        try:
+            source = media_source(spec.root, value, "", field)
+        except DataError:
+            total += 1
+            continue
         total += image_tiles_from_header(
-            _header_source(spec.root, value),
-            per_image,
-            cfg.min_dynamic_patch,
-            vision.image_size,
-            cfg.use_thumbnail,
+            source, per_image, cfg.min_dynamic_patch, vision.image_size, cfg.use_thumbnail
         )
     return total
-
-
-def _header_source(root, value):
-    """What ``Image.open`` reads for one image: a path under ``root`` or the bytes of a HF
-    ``datasets`` Image column."""
-    if isinstance(value, dict) and value.get("bytes"):
-        return io.BytesIO(value["bytes"])
-    if isinstance(value, dict) and value.get("path"):
-        value = value["path"]
-    return root / value if isinstance(value, str) else None
 
 
 def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:

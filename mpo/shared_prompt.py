@@ -133,10 +133,8 @@ def shared_prompt_hidden_states(model, batch: dict, lockstep: bool = False) -> t
 
 
 def shared_prompt_batch_logps(
-    model, batch: dict, chunk_size: int = 4096, lockstep: bool = False
+    model, batch: dict, chunk_size: int = 4096, lockstep: bool = False, calls: int | None = None
 ) -> SequenceLogps:
     """Same result as ``mpo.logprobs.batch_logps``, the prompt computed once per pair."""
     hidden = shared_prompt_hidden_states(model, batch, lockstep)
-    return response_logps(
-        hidden, batch["labels"], model.get_output_embeddings(), chunk_size, lockstep=lockstep
-    )
+    return response_logps(hidden, batch["labels"], model.get_output_embeddings(), chunk_size, calls)

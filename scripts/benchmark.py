@@ -6,7 +6,7 @@
 
 Both trainers get the same model checkpoint (random weights, saved once), the same pairs and
 images, the same micro-batch size, learning rate and optimizer, and the same MPO objective:
-TRL's ``loss_type=["sigmoid", "bco_pair", "sft"]``, ``loss_weights=[0.8, 0.2, 1.0]`` (facts §5, §7).
+TRL's ``loss_type=["sigmoid", "bco_pair", "sft"]``, ``loss_weights=[0.8, 0.2, 1.0]`` (MPO paper §3.2; TRL 1.16).
 Each measured run is a fresh subprocess (so its peak RSS is its own); rounds alternate the order
 of the trainers so neither always runs on a warmer machine. Throughput counts the steps after
 ``--warmup`` steps; the figure reported is the median over rounds, the peak memory the maximum.
@@ -14,7 +14,7 @@ of the trainers so neither always runs on a warmer machine. Throughput counts th
 TRL needs a ``ProcessorMixin`` for vision data; ``InternVLPairProcessor`` below does what
 ``InternVLProcessor`` does for one image per prompt (InternVL tiling, ``<image>`` expanded to
 ``<img><IMG_CONTEXT>x256n</img>``) with our tiling code, because transformers' own processor needs
-torchvision, which breaks CPU torch here (facts §7).
+torchvision, which breaks CPU torch (pyproject.toml).
 
 The default model follows InternVL2.5-1B's proportions at CPU size: 448px tiles of 14px patches
 (1025 vision tokens, 256 LLM tokens per tile), the vision tower about half the LLM's parameters
@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# CPU-sized InternVL2.5-1B look-alike (see module docstring) and the real 1B architecture (facts §1).
+# CPU-sized InternVL2.5-1B look-alike (see module docstring) and the real 1B architecture (docs/internvl-format.md §1).
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "cpu_small": {
         "vision": dict(

@@ -22,11 +22,12 @@ def test_trl_batch_matches_our_pair(tokenizer, demo_data, tmp_path):
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
     from mpo.config import DataConfig
-    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.data.pairs import PairDataset
+    from mpo.data.tiling import VisionSpec
     from mpo.model.tiny import build_config
 
     bench = _benchmark_module()
-    vision = VisionSpec.from_model_config(build_config(tokenizer))
+    vision = VisionSpec.from_config(build_config(tokenizer))
     meta = demo_data["train"]
     ours = PairDataset(meta, tokenizer, vision, DataConfig(max_dynamic_patch=4))
     root = meta.parent
@@ -36,7 +37,7 @@ def test_trl_batch_matches_our_pair(tokenizer, demo_data, tmp_path):
     trl_rows = bench.trl_dataset(tmp_path / "meta.json", None)
     proc = bench._processor_class()(tokenizer, vision.image_size, vision.tokens_per_tile, 4)
     batch = DataCollatorForVisionPreference(processor=proc)([trl_rows[0]])
-    item = ours[4]
+    item, _ = ours[4]
     assert json.loads((root / "train.jsonl").read_text().splitlines()[4])["chosen"] in tokenizer.decode(
         batch["input_ids"][0]
     )

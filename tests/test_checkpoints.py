@@ -12,8 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from mpo.run import build_trainer, resolve_resume, run_training
-from mpo.trainer import COMPLETE_MARKER, MPOTrainer, latest_complete_checkpoint, rotate_complete_checkpoints
+from mpo.checkpoints import (
+    COMPLETE_MARKER,
+    latest_complete_checkpoint,
+    resolve_resume,
+    rotate_complete_checkpoints,
+)
+from mpo.run import build_trainer, run_training
+from mpo.trainer import MPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,9 +135,14 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tiny_model_dir, 
         capture_output=True,
     )
     full, resumed = _losses(tmp_path / "full"), _losses(crashed)
-    start = int(Path(latest_complete_checkpoint(crashed)).name.split("-")[1])
-    assert start == 24
+    # The resume point: the newest checkpoint that was complete when the run was killed.
+    start = int(Path(json.loads((crashed / "run_info.json").read_text())["resumed_from"]).name.split("-")[1])
+    assert 8 <= start <= killed_at and start % 4 == 0
     assert sorted(resumed) == list(range(1, 25))
+    # The killed run's steps after the resume point were set aside and logged again.
+    aside = crashed / f"metrics.jsonl.before-resume-{start}"
+    redone = {json.loads(x)["step"] for x in aside.read_text().splitlines()} if aside.exists() else set()
+    assert redone == set(range(start + 1, killed_at + 1))
     for step in range(9, 25):
         assert resumed[step][0] == pytest.approx(full[step][0], rel=1e-5, abs=1e-6), step
         assert resumed[step][1] == pytest.approx(full[step][1], rel=1e-6, abs=1e-9), step
@@ -157,7 +168,7 @@ def test_fresh_run_into_a_used_output_dir(tiny_config):
 def test_resume_moves_the_redone_steps_out_of_the_logs(tiny_config):
     """After a resume from step 2, metrics.jsonl is one history: the killed run's steps 3-4 are
     kept aside in metrics.jsonl.before-resume-2 and logged again by the resumed run."""
-    from mpo.run import prepare_output_dir
+    from mpo.checkpoints import prepare_output_dir
 
     cfg = tiny_config("training.max_steps=4")
     run_dir = Path(cfg.training["output_dir"])

@@ -9,11 +9,21 @@ import pytest
 from PIL import Image
 
 from mpo.config import DataConfig
+from mpo.data.events import DataEvents, skip_report, write_skip_report
 from mpo.data.mmpr import DataError
-from mpo.data.pairs import PairDataset, VisionSpec
+from mpo.data.pairs import PairDataset
 from mpo.data.template import IGNORE_INDEX
+from mpo.data.tiling import VisionSpec
 
 VISION = VisionSpec(image_size=28, tokens_per_tile=2)
+
+
+def read_all(ds) -> tuple[list, DataEvents]:
+    """Every item of ``ds``: the pairs (None where skipped) and the summed events."""
+    items = [ds[i] for i in range(len(ds))]
+    return [pair for pair, _ in items], DataEvents.total(ev for _, ev in items)
+
+
 GOOD = {"question": "q", "chosen": "yes", "rejected": "no"}
 
 # (raw line, reason, message fragment after "file:2: ")
@@ -101,7 +111,7 @@ def make_file(tmp_path, bad_line: str):
 def test_bad_line_raises_with_file_line_and_field(tmp_path, tokenizer, line, reason, message):
     path = make_file(tmp_path, line)
     ds = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="error"))
-    assert ds[0] is not None and ds[2] is not None
+    assert ds[0][0] is not None and ds[2][0] is not None
     with pytest.raises(DataError) as err:
         ds[1]
     assert str(err.value).startswith(f"{path}:2: "), str(err.value)
@@ -113,11 +123,12 @@ def test_bad_line_raises_with_file_line_and_field(tmp_path, tokenizer, line, rea
 def test_bad_line_is_skipped_counted_and_reported(tmp_path, tokenizer, line, reason, message):
     path = make_file(tmp_path, line)
     ds = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=0.5))
-    out = [ds[i] for i in range(3)]
-    assert out[1] is None and out[0] is not None and out[2] is not None
-    assert ds.skipped == {reason: 1} and ds.bad == 1 and ds.seen == 3
-    report = json.loads(ds.write_skip_report(tmp_path / "out").read_text())
-    assert (tmp_path / "out" / "data_skips.json").is_file()
+    pairs, events = read_all(ds)
+    assert pairs[1] is None and pairs[0] is not None and pairs[2] is not None
+    assert events.skipped == {reason: 1} and events.bad == 1 and events.seen == 3
+    report = json.loads(
+        write_skip_report(tmp_path / "out", "data_skips.json", skip_report(path, 3, 0.5, events)).read_text()
+    )
     assert report["skipped"] == {reason: 1} and report["bad"] == 1 and report["seen"] == 3
     assert message in report["examples"][reason][0] and f"{path}:2: " in report["examples"][reason][0]
 
@@ -129,19 +140,18 @@ def _many(tmp_path, n_good: int, n_bad: int):
     return path
 
 
-def test_max_bad_fraction_enforced_with_counts(tmp_path, tokenizer):
+def test_max_bad_fraction_judged_on_the_counted_events(tmp_path, tokenizer):
     path = _many(tmp_path, 7, 3)  # 3 of 10 bad, at the end
-    ok = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=0.3))
-    assert sum(ok[i] is None for i in range(10)) == 3
-    ok.check_bad_fraction(final=True)  # 3 <= 0.3 * 10
-    strict = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=0.2))
-    for i in range(9):
-        strict[i]  # 2 bad of 9 seen: not judged before min(len, 100) = 10 samples
-    with pytest.raises(
-        DataError,
-        match=r"3 of 10 samples are bad \(30\.00%\), over data\.max_bad_fraction=0\.2; skips by reason: \{'invalid_json': 3\}",
-    ):
-        strict[9]
+    ds = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=1.0))
+    pairs, events = read_all(ds)
+    assert sum(p is None for p in pairs) == 3 and (events.seen, events.bad) == (10, 3)
+    assert events.bad_fraction_problem(0.3) is None  # 3 <= 0.3 * 10
+    assert events.bad_fraction_problem(0.2, min_seen=11) is None  # not judged before min_seen
+    problem = events.bad_fraction_problem(0.2, min_seen=10)
+    assert problem.startswith(
+        "3 of 10 samples are bad (30.00%), over data.max_bad_fraction=0.2; skips by reason: {'invalid_json': 3}"
+    )
+    assert "m.jsonl:8" in problem  # the first example names the file and line
 
 
 def _prompt_len(pair) -> int:
@@ -153,23 +163,23 @@ def test_truncate_response_cuts_only_the_answer_tail(tmp_path, tokenizer):
     line = {"image": "w.png", "question": "q", "chosen": "a b c d e f g h i j k l", "rejected": "no"}
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(line) + "\n")
-    full = PairDataset(path, tokenizer, VISION, DataConfig())[0]
+    full = PairDataset(path, tokenizer, VISION, DataConfig())[0][0]
     prefix = len(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
     assert prefix == 3
     plen = _prompt_len(full)
     limit = plen + prefix + 4
     assert len(full["chosen_input_ids"]) > limit >= len(full["rejected_input_ids"])
     ds = PairDataset(path, tokenizer, VISION, DataConfig(max_length=limit))
-    pair = ds[0]
+    pair, events = ds[0]
     assert len(pair["chosen_input_ids"]) == limit
     assert pair["chosen_input_ids"].tolist() == full["chosen_input_ids"][:limit].tolist()
     assert (pair["chosen_labels"][plen + prefix :] != IGNORE_INDEX).all()  # 4 answer tokens still trained
     assert pair["rejected_input_ids"].tolist() == full["rejected_input_ids"].tolist()
-    assert dict(ds.truncated) == {"chosen": 1}
+    assert dict(events.truncated) == {"chosen": 1}
     # The image span is whole: 3 tiles x 2 tokens between <img> and </img>.
     ctx = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert (pair["chosen_input_ids"] == ctx).sum() == 6 and pair["num_tiles"] == [3]
-    assert ds.report()["truncated_responses"] == {"chosen": 1}
+    assert skip_report(path, 1, 0.0, events)["truncated_responses"] == {"chosen": 1}
 
 
 def test_skip_policy_and_prompt_too_long_are_counted_never_cut(tmp_path, tokenizer):
@@ -180,20 +190,26 @@ def test_skip_policy_and_prompt_too_long_are_counted_never_cut(tmp_path, tokeniz
     ]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plen = _prompt_len(PairDataset(path, tokenizer, VISION, DataConfig())[0])
+    plen = _prompt_len(PairDataset(path, tokenizer, VISION, DataConfig())[0][0])
     skip = PairDataset(path, tokenizer, VISION, DataConfig(max_length=plen + 5, truncation="skip"))
-    assert skip[0] is None and skip[1] is not None  # a length skip is not an error, even under "error"
-    assert skip.skipped == {"too_long": 1} and skip.bad == 0
-    assert "over data.max_length" in skip.skip_examples["too_long"][0]
+    pairs, events = read_all(skip)
+    assert pairs[0] is None and pairs[1] is not None  # a length skip is not an error, even under "error"
+    assert events.skipped == {"too_long": 1} and events.bad == 0
+    assert "over data.max_length" in events.examples["too_long"][0]
     # A prompt (with its image span) longer than max_length is never cut, under either policy.
     tight = PairDataset(path, tokenizer, VISION, DataConfig(max_length=plen - 1))
-    assert tight[0] is None and tight.skipped == {"prompt_too_long": 1} and tight.bad == 0
-    assert len(tight.truncated) == 0
+    pair, events = tight[0]
+    assert pair is None and events.skipped == {"prompt_too_long": 1} and events.bad == 0
+    assert len(events.truncated) == 0
 
 
 def test_decompression_bomb_is_its_own_reason(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 28x28 = 784 > 2 x 100: PIL refuses it
     path = make_file(tmp_path, json.dumps({**GOOD, "image": "ok.png"}))
     ds = PairDataset(path, tokenizer, VISION, DataConfig(on_bad_sample="skip", max_bad_fraction=1.0))
-    assert ds[1] is None and ds.skipped == {"image_too_large": 1}
-    assert "d.jsonl:2: field 'image': image is too large to decode safely" in ds.skip_log[0]
+    pair, events = ds[1]
+    assert pair is None and events.skipped == {"image_too_large": 1}
+    assert (
+        "d.jsonl:2: field 'image': image is too large to decode safely"
+        in events.examples["image_too_large"][0]
+    )

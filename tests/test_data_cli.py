@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from mpo.cli import main
-from mpo.data.cli import percentiles
+from mpo.stats import percentiles
 
 GOOD = [
     {"image": "img/a.png", "question": "Colour?", "chosen": "Red.", "rejected": "Blue.", "answer_gt": "red"},
@@ -85,10 +85,11 @@ def test_check_counts_and_policy(tmp_path, tiny_model_dir, tokenizer, capsys):
     assert train["skipped"] == {"invalid_json": 1, "chosen_equals_rejected": 1} and train["pairs"] == 10
     # Token lengths: compare with the dataset's own encodings of the three good lines.
     from mpo.config import DataConfig
-    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.data.pairs import PairDataset
+    from mpo.data.tiling import VisionSpec
 
     ds = PairDataset(tmp_path / "train.jsonl", tokenizer, VisionSpec(64, 4), DataConfig(max_dynamic_patch=4))
-    lengths = sorted(len(ds[i][k]) for i in range(3) for k in ("chosen_input_ids", "rejected_input_ids"))
+    lengths = sorted(len(ds[i][0][k]) for i in range(3) for k in ("chosen_input_ids", "rejected_input_ids"))
     assert train["token_lengths"]["max"] == lengths[-1] and train["token_lengths"]["p50"] == lengths[2]
     report = json.loads((tmp_path / "o" / "data_skips.json").read_text())
     assert (
@@ -133,9 +134,10 @@ def test_inspect_prints_the_pair_as_the_model_sees_it(tmp_path, tiny_model_dir, 
     assert got["dataset"] == "train" and got["line"] == 2 and got["num_tiles"] == [1, 3]
     assert got["num_image_tokens"] == 4 * 4  # 4 tiles x 4 tokens per 64px tile of the tiny model
     from mpo.config import DataConfig
-    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.data.pairs import PairDataset
+    from mpo.data.tiling import VisionSpec
 
-    pair = PairDataset(tmp_path / "meta.json", tokenizer, VisionSpec(64, 4), DataConfig())[1]
+    pair, _ = PairDataset(tmp_path / "meta.json", tokenizer, VisionSpec(64, 4), DataConfig())[1]
     pv = pair["pixel_values"].double()
     assert got["pixel_stats"]["shape"] == [4, 3, 64, 64]
     assert got["pixel_stats"]["sum"] == pytest.approx(float(pv.sum()), rel=1e-12)

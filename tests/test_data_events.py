@@ -12,8 +12,9 @@ from test_train import StopAfter  # tests/ is on sys.path under pytest
 
 from mpo.config import DataConfig
 from mpo.data.collate import PairCollator
-from mpo.data.events import EVENTS_KEY, EXAMPLES_KEPT, DataEvents, RecordingDataset, gather_events
-from mpo.data.pairs import PairDataset, VisionSpec
+from mpo.data.events import EXAMPLES_KEPT, DataEvents, gather_events
+from mpo.data.pairs import PairDataset
+from mpo.data.tiling import VisionSpec
 
 VISION = VisionSpec(image_size=28, tokens_per_tile=2)
 GOOD = {"question": "q", "chosen": "yes", "rejected": "no"}
@@ -45,24 +46,21 @@ def test_batches_carry_every_skip_and_truncation(tmp_path, tokenizer, workers):
     path, skips, long_lines = _jsonl(tmp_path)
     short = tmp_path / "one.jsonl"
     short.write_text(json.dumps(GOOD) + "\n")
-    fits = len(PairDataset(short, tokenizer, VISION, DataConfig())[0]["chosen_input_ids"]) + 5
+    fits = len(PairDataset(short, tokenizer, VISION, DataConfig())[0][0]["chosen_input_ids"]) + 5
     cfg = DataConfig(on_bad_sample="skip", max_bad_fraction=1.0, max_length=fits)  # LONG is cut
-    plain = PairDataset(path, tokenizer, VISION, cfg)
-    ds = RecordingDataset(plain)
+    ds = PairDataset(path, tokenizer, VISION, cfg)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=5, num_workers=workers, collate_fn=PairCollator(tokenizer.pad_token_id)
     )
     total, pairs = DataEvents(), 0
     for _epoch in range(2):
-        for batch in loader:
-            total.add(batch.get(EVENTS_KEY))
+        for batch, events in loader:
+            total.add(events)
             pairs += batch["num_pairs"]
     assert total.seen == 2 * 12 and pairs == 2 * (12 - sum(skips.values()))
     assert total.skipped == Counter({k: 2 * v for k, v in skips.items()}) and total.bad == 2 * 3
     assert total.truncated == Counter(chosen=2 * long_lines)
     assert set(total.examples) == set(skips) and "d.jsonl:4" in total.examples["invalid_json"][0]
-    # What the events replace: with workers the main process's own counters see nothing.
-    assert plain.seen == (24 if workers == 0 else 0)
 
 
 def _meta_with_bad_lines(demo_data, tmp_path) -> Path:

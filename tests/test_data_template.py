@@ -11,8 +11,10 @@ from PIL import Image
 
 from mpo.config import DataConfig
 from mpo.data.collate import PairCollator
-from mpo.data.pairs import PairDataset, SampleError, VisionSpec
+from mpo.data.events import DataEvents
+from mpo.data.pairs import PairDataset, SampleError
 from mpo.data.template import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX
+from mpo.data.tiling import VisionSpec
 
 VISION = VisionSpec(image_size=28, tokens_per_tile=2)
 SYS = f"<|im_start|>system\n{DEFAULT_SYSTEM_MESSAGE}<|im_end|>\n"
@@ -29,7 +31,7 @@ def write_data(tmp_path, lines: list[dict], images: dict[str, tuple[int, int]] |
 
 def encode_one(tmp_path, tokenizer, line: dict, images=None, **cfg):
     ds = PairDataset(write_data(tmp_path, [line], images), tokenizer, VISION, DataConfig(**cfg))
-    return ds[0]
+    return ds[0][0]
 
 
 def decoded(tokenizer, ids: torch.Tensor) -> str:
@@ -135,8 +137,14 @@ def test_collation_with_odd_sentinels():
     a = _pair([11, 12, 13], [-100, 12, 13], [11, 14], [-100, 14], px_a)
     b = _pair([21, 22], [-100, 22], [21, 23, 24, 25], [-100, -100, 24, 25], px_b)
     collator = PairCollator(pad_token_id=7, ignore_index=-7)
-    batch = collator([a, None, b])
-    assert batch["num_pairs"] == 2 and collator.dropped == 1
+    skipped = DataEvents.skip("missing_image", "d.jsonl:2: field 'image': image not found", bad=True)
+    batch, events = collator(
+        [(a, DataEvents(seen=1)), (None, skipped), (b, DataEvents(seen=1, truncated={"chosen": 1}))]
+    )
+    assert batch["num_pairs"] == 2
+    assert (events.seen, events.bad, dict(events.skipped), dict(events.truncated)) == (
+        3, 1, {"missing_image": 1}, {"chosen": 1}
+    )  # fmt: skip
     assert torch.equal(
         batch["input_ids"],
         torch.tensor([[11, 12, 13, 7], [21, 22, 7, 7], [11, 14, 7, 7], [21, 23, 24, 25]]),
@@ -154,11 +162,13 @@ def test_collation_with_odd_sentinels():
 
 def test_collation_text_only_and_all_skipped():
     collator = PairCollator(pad_token_id=7, ignore_index=-7)
-    batch = collator([_pair([5], [5], [6, 6], [6, 6])])
+    batch, _ = collator([(_pair([5], [5], [6, 6], [6, 6]), DataEvents(seen=1))])
     assert "pixel_values" not in batch
     assert torch.equal(batch["input_ids"], torch.tensor([[5, 7], [6, 6]]))
     assert torch.equal(batch["labels"], torch.tensor([[5, -7], [6, 6]]))
-    assert collator([None, None]) == {"num_pairs": 0}
+    gone = DataEvents.skip("invalid_json", "x", bad=True)
+    batch, events = collator([(None, gone), (None, gone)])
+    assert batch == {"num_pairs": 0} and events.seen == 2 and events.skipped == {"invalid_json": 2}
 
 
 def test_collating_real_pairs_keeps_each_pairs_tokens(tmp_path, tokenizer):
@@ -167,8 +177,8 @@ def test_collating_real_pairs_keeps_each_pairs_tokens(tmp_path, tokenizer):
         {"question": "Q2", "chosen": "a longer chosen answer", "rejected": "b"},
     ]
     ds = PairDataset(write_data(tmp_path, lines, {"a.png": (28, 28)}), tokenizer, VISION, DataConfig())
-    items = [ds[0], ds[1]]
-    batch = PairCollator(pad_token_id=7, ignore_index=-7)(items)
+    batch, _ = PairCollator(pad_token_id=7, ignore_index=-7)([ds[0], ds[1]])
+    items = [ds[0][0], ds[1][0]]
     for row, (item, key) in enumerate(
         [(items[0], "chosen"), (items[1], "chosen"), (items[0], "rejected"), (items[1], "rejected")]
     ):

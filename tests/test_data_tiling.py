@@ -1,5 +1,5 @@
 """Tiling against two independent computations: a brute-force grid choice written from the rule
-(facts §2) and transformers' ``GotOcr2ImageProcessorPil`` configured as InternVL."""
+(docs/internvl-format.md §2) and transformers' ``GotOcr2ImageProcessorPil`` configured as InternVL."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from mpo.config import DataConfig
-from mpo.data.pairs import PairDataset, SampleError, VisionSpec
+from mpo.data.pairs import PairDataset, SampleError
 from mpo.data.template import DEFAULT_SYSTEM_MESSAGE
+from mpo.data.tiling import VisionSpec
 from mpo.data.video import frame_indices, video_frames
 
 VISION = VisionSpec(image_size=28, tokens_per_tile=2)
@@ -70,7 +71,7 @@ def test_video_pair_prompt_and_tiles(video, tokenizer):
     (video / "v.jsonl").write_text(json.dumps(line) + "\n")
     pair = PairDataset(
         video / "v.jsonl", tokenizer, VISION, DataConfig(video_min_frames=2, video_max_frames=4)
-    )[0]
+    )[0][0]
     assert pair["num_tiles"] == [1, 1, 1, 1] and pair["pixel_values"].shape == (4, 3, 28, 28)
     span = "<img><IMG_CONTEXT><IMG_CONTEXT></img>"
     frames = "".join(f"Frame{i}: {span}\n" for i in range(1, 5))
@@ -91,7 +92,7 @@ def test_video_without_placeholder_is_prefixed_and_image_placeholders_refused(vi
     ]
     (video / "w.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = PairDataset(video / "w.jsonl", tokenizer, VISION, DataConfig(video_min_frames=2, video_max_frames=2))
-    text = tokenizer.decode(ds[0]["chosen_input_ids"].tolist())
+    text = tokenizer.decode(ds[0][0]["chosen_input_ids"].tolist())
     assert (
         "user\nFrame1: <img>" in text and "</img>\nFrame2: <img>" in text and "</img>\nWhat changes?" in text
     )
@@ -112,5 +113,4 @@ def test_missing_pyav_stops_with_an_install_hint_even_when_skipping(video, token
     with pytest.raises(
         DataError, match=r"nopyav.jsonl:1: field 'video': reading videos needs PyAV.*pip install av"
     ):
-        ds[0]
-    assert ds.skipped == {}  # not a counted skip: every video line would fail the same way
+        ds[0]  # raised, not returned as a counted skip: every video line would fail the same way

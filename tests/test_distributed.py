@@ -5,24 +5,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tolerances import assert_same_training  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+def _train_rows(run_dir: Path) -> dict[int, dict]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "loss" in r and "train_runtime" not in r:
-            out[r["step"]] = (r["loss"], r["bco/delta"])
+            out[r["step"]] = r
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 TRAIN = [str(ROOT / "train" / "train_mpo.py"), "--config", str(ROOT / "configs" / "demo.yaml")]
@@ -32,7 +40,7 @@ def _deepspeed(stage: str) -> str:
     return f"training.deepspeed={ROOT / 'configs' / 'deepspeed' / f'{stage}.json'}"
 
 
-def _train(args: list[str], ranks: int | None = None, port: int | None = None, env=None) -> None:
+def _train(args: list[str], ranks: int | None = None, env=None) -> None:
     """One training run: plain ``python`` (ranks None) or the ``deepspeed`` CLI with ``ranks``
     processes. The timeout turns a rank stuck in a collective into a failure, not a hung suite."""
     if ranks is None:
@@ -42,18 +50,17 @@ def _train(args: list[str], ranks: int | None = None, port: int | None = None, e
             "deepspeed"
         )
         assert launcher, "the deepspeed CLI is not installed"
-        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), *TRAIN, *args]
+        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *TRAIN, *args]
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _assert_same_losses(got: Path, want: Path, steps: list[int], rel: float = 1e-4) -> None:
-    a, b = _losses(want), _losses(got)
-    assert sorted(a) == sorted(b) == steps
-    for step, (loss, delta) in a.items():
-        assert b[step][0] == pytest.approx(loss, rel=rel), step
-        assert b[step][1] == pytest.approx(delta, rel=rel, abs=1e-7), step
+def _assert_same_losses(got: Path, want: Path, steps: list[int]) -> None:
+    """Per-step loss and δ equal up to float32 rounding (bounds in tests/tolerances.py)."""
+    rows = _train_rows(want)
+    assert sorted(rows) == steps
+    assert_same_training(_train_rows(got), rows)
 
 
 @pytest.fixture(scope="module")
@@ -86,23 +93,24 @@ def single_process(common, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stage,port", [("zero2", 29517), ("zero3", 29519)])
-def test_two_ranks_match_single_process(common, single_process, tmp_path, stage, port):
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_ranks_match_single_process(common, single_process, tmp_path, stage):
     out = tmp_path / stage
     _train(
         [*common, "training.per_device_train_batch_size=2", _deepspeed(stage), f"training.output_dir={out}"],
         2,
-        port,
     )
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2
     _assert_same_losses(out, single_process, [1, 2, 3])
-    # Only rank 0 writes: one line per step, one final model.
-    assert len([ln for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]) >= 3
+    # Only rank 0 writes: exactly one training line per step (and one train-end line).
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r and "train_runtime" not in r] == [1, 2, 3]
+    assert len(lines) == 4
     from transformers import InternVLForConditionalGeneration
 
+    from mpo.checkpoints import COMPLETE_MARKER
     from mpo.consolidate import consolidate
-    from mpo.trainer import COMPLETE_MARKER
 
     assert (out / "checkpoint-3" / COMPLETE_MARKER).is_file()
     final = InternVLForConditionalGeneration.from_pretrained(out / "final").state_dict()
@@ -113,8 +121,11 @@ def test_two_ranks_match_single_process(common, single_process, tmp_path, stage,
     for name, tensor in final.items():
         # ZeRO shards consolidated after the fact equal the final (gathered) weights exactly ...
         assert torch.equal(merged[name], tensor), name
-        # ... and equal single-process training up to reduction-order noise (3 Adam steps of lr 1e-3).
-        assert torch.allclose(tensor, reference[name], atol=3e-3), name
+        # ... and equal single-process training up to rounding. Adam moves an entry by at most
+        # lr·(1−β1)/√(1−β2) ≈ 3.16·lr per step whatever its gradient, and rounding can flip the sign
+        # of a near-zero gradient, so two runs of 3 steps at lr 1e-3 differ by at most 2·3·3.16e-3.
+        # (The per-step losses above are the tight check that the runs did the same updates.)
+        assert torch.allclose(tensor, reference[name], rtol=0, atol=2 * 3 * 3.17e-3), name
     # The consolidated folder serves like final/: same chat template, processor and generation files.
     for name in ("chat_template.jinja", "preprocessor_config.json", "tokenizer.json"):
         assert (tmp_path / "consolidated" / name).read_text() == (out / "final" / name).read_text(), name
@@ -144,16 +155,20 @@ def test_lora_under_zero3_matches_plain_lora(common, tmp_path):
     ]
     plain, zero3 = tmp_path / "plain", tmp_path / "zero3"
     _train([*lora, f"training.output_dir={plain}"])
-    _train([*lora, f"training.output_dir={zero3}", _deepspeed("zero3")], 1, 29523)
-    _assert_same_losses(zero3, plain, [1, 2, 3], rel=1e-5)
-    assert _losses(plain)[3][0] != _losses(plain)[1][0]
+    _train([*lora, f"training.output_dir={zero3}", _deepspeed("zero3")], 1)
+    _assert_same_losses(zero3, plain, [1, 2, 3])
+    assert _train_rows(plain)[3]["loss"] != _train_rows(plain)[1]["loss"]
     ours, theirs = (
         load_file(zero3 / "final" / "adapter_model.safetensors"),
         load_file(plain / "final" / "adapter_model.safetensors"),
     )
     assert sorted(ours) == sorted(theirs) and len(ours) > 0
     for name, tensor in theirs.items():
-        assert ours[name].shape == tensor.shape and torch.allclose(ours[name], tensor, atol=1e-5), name
+        # One process each: the same float32 gradients reach Adam (no cross-rank reduction), so the
+        # adapters differ by rounding only, a few ulps of entries of magnitude ≤ 0.1 (≪ 1e-5).
+        assert ours[name].shape == tensor.shape and torch.allclose(ours[name], tensor, rtol=0, atol=1e-5), (
+            name
+        )
     assert any(t.abs().max() > 0 for n, t in ours.items() if "lora_B" in n)  # the adapters trained
     assert cmd_export(["--merge-lora", str(zero3 / "final"), str(tmp_path / "merged")]) == 0
     merged = InternVLForConditionalGeneration.from_pretrained(tmp_path / "merged")
@@ -197,7 +212,6 @@ def test_zero3_ranks_with_skipped_and_text_only_pairs_match_one_process(common, 
     _train(
         [*args, "training.per_device_train_batch_size=1", _deepspeed("zero3"), f"training.output_dir={two}"],
         2,
-        29527,
     )
     _assert_same_losses(two, one, [1, 2, 3, 4])
     skips = json.loads((two / "data_skips.json").read_text())

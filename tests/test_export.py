@@ -11,9 +11,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, InternVLForConditionalGeneration
 
 from mpo.cli import main as mpo_main
-from mpo.data.pairs import VisionSpec
 from mpo.data.template import ASSISTANT_PREFIX, DEFAULT_SYSTEM_MESSAGE, system_turn, user_turn
-from mpo.data.tiling import tile_image
+from mpo.data.tiling import VisionSpec, tile_image
 from mpo.model.export import write_export_metadata
 from mpo.model.generate import answer, build_prompt
 
@@ -76,7 +75,7 @@ def test_chat_template_matches_the_training_template(exported):
 
 
 def test_image_processor_reproduces_internvl_tiling(exported):
-    """The shipped processor settings give the same pixels as the training tiling (facts §2)."""
+    """The shipped processor settings give the same pixels as the training tiling (docs/internvl-format.md §2)."""
     out, _, _ = exported
     proc = AutoImageProcessor.from_pretrained(out)
     img = Image.new("RGB", (128, 64), (200, 30, 30))
@@ -125,7 +124,7 @@ def test_generate_equals_manual_greedy_decode(lively_model_dir, tmp_path, capsys
     img = Image.new("RGB", (128, 64), (30, 180, 40))
     q = "What color is the shape?"
     got = answer(model, tok, q, img, max_new_tokens=6, max_num=4)
-    inputs = build_prompt(tok, VisionSpec.from_model_config(model.config), q, img, max_num=4)
+    inputs = build_prompt(tok, VisionSpec.from_config(model.config), q, img, max_num=4)
     # 2x1 tiles + thumbnail, 4 tokens each, inside one <img>...</img> after the system turn.
     assert inputs["pixel_values"].shape[0] == 3
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == 12

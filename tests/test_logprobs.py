@@ -12,11 +12,12 @@ import json
 
 import pytest
 import torch
+from oracles import naive_batch_logps, token_logps_brute_force  # tests/ is on sys.path
 from PIL import Image
 
 from mpo.data.collate import PairCollator
 from mpo.data.template import IGNORE_INDEX
-from mpo.logprobs import batch_logps, naive_batch_logps, response_logps, token_logps_brute_force
+from mpo.logprobs import batch_logps, lm_head_calls, response_logps
 
 ATOL = 1e-5
 
@@ -46,17 +47,20 @@ def write_tiled_pairs(root, sizes):
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_model_dir, tmp_path_factory):
     from mpo.config import DataConfig
-    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.data.pairs import PairDataset
+    from mpo.data.tiling import VisionSpec
     from mpo.model.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir))
     root = tmp_path_factory.mktemp("tiled")
     path = write_tiled_pairs(root, [(64, 64), (128, 64), (128, 128)])
-    ds = PairDataset(path, tok, VisionSpec.from_model_config(model.config), DataConfig(max_dynamic_patch=4))
+    ds = PairDataset(path, tok, VisionSpec.from_config(model.config), DataConfig(max_dynamic_patch=4))
     items = [ds[i] for i in range(len(ds))]
-    assert [it["num_tiles"] for it in items] == [[1], [3], [5]]
-    return model, PairCollator(tok.pad_token_id)(items)
+    assert [pair["num_tiles"] for pair, _ in items] == [[1], [3], [5]]
+    batch, events = PairCollator(tok.pad_token_id)(items)
+    assert events.seen == 3 and not events.skipped
+    return model, batch
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -125,3 +129,26 @@ def test_response_logps_row_without_trained_tokens_is_zero():
     out = response_logps(h, labels, head, chunk_size=1)
     assert out.logps[1].item() == 0.0 and out.num_tokens.tolist() == [2, 0]
     torch.testing.assert_close(out.logps, token_logps_brute_force(head(h), labels), atol=ATOL, rtol=1e-5)
+
+
+def test_extra_lm_head_calls_change_nothing_and_empty_batches_keep_a_gradient_path():
+    """Data-parallel ranks make the same number of LM-head calls (the most any rank needs); the
+    extra calls are empty chunks. A batch with no trained token (a rank whose pairs were all
+    skipped) still gives a loss with a gradient path, so backward and ZeRO's hooks run."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 6, 4, generator=g, requires_grad=True)
+    head = torch.nn.Linear(4, 9, bias=False)
+    labels = torch.full((2, 6), IGNORE_INDEX)
+    labels[0, 2:] = torch.tensor([1, 2, 3, 4])
+    assert lm_head_calls(labels, 2) == 2
+    base = response_logps(h, labels, head, chunk_size=2)
+    more = response_logps(h, labels, head, chunk_size=2, calls=5)
+    assert torch.equal(base.logps, more.logps)
+    with pytest.raises(ValueError, match="cannot cover"):
+        response_logps(h, labels, head, chunk_size=2, calls=1)
+    nothing = torch.full((2, 6), IGNORE_INDEX)
+    assert lm_head_calls(nothing, 2) == 1
+    empty = response_logps(h, nothing, head, chunk_size=2)
+    assert empty.logps.tolist() == [0.0, 0.0] and empty.logps.requires_grad
+    (empty.logps.sum() * 0).backward()
+    assert head.weight.grad is not None and torch.equal(head.weight.grad, torch.zeros_like(head.weight))

@@ -49,7 +49,7 @@ def test_default_targets_stay_in_their_part(tokenizer, target):
 
 
 def test_leaf_override_does_not_leak_into_the_vit(tokenizer):
-    """A plain ['q_proj', 'v_proj'] list in peft would also hit InternViT's q/v (facts §7)."""
+    """A plain ['q_proj', 'v_proj'] list in peft would also hit InternViT's q/v (peft matches leaf names anywhere)."""
     model = build_tiny_model(tokenizer)
     expected = _expected(model, "llm", {"q_proj", "v_proj"})
     peft_model = apply_lora(model, {"target": "llm", "target_modules": ["q_proj", "v_proj"]})

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mpo.loss import LossWeights, RewardShift, bco_pair_loss, mpo_loss, preference_loss, sft_loss
+from mpo.config import LossConfig
+from mpo.loss import MPOLoss, PairLogps, RewardShift, bco_pair_loss, preference_loss
 
 LN2 = math.log(2)
 
@@ -18,17 +19,26 @@ def _sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+def mpo_loss(pc, pr, rc, rr, chosen_tokens, delta=0.0, rejected_tokens=None, **cfg):
+    """The combined loss over one batch (its own pair and token counts as denominators)."""
+    loss_fn = MPOLoss(LossConfig(**cfg))
+    loss_fn.reward_shift.update(delta, 1)
+    logps = PairLogps(
+        pc, pr, rc, rr, chosen_tokens, chosen_tokens if rejected_tokens is None else rejected_tokens
+    )
+    terms = loss_fn(logps)
+    return loss_fn.combine(terms, float(len(pc)), float(chosen_tokens.sum())), terms
+
+
 def test_step0_loss_is_0p832_plus_nll():
-    # π = πref and δ = 0: L = 0.8·ln2 + 0.2·2·ln2 + NLL (facts §5).
+    # π = πref and δ = 0: L = 0.8·ln2 + 0.2·2·ln2 + NLL (MPO paper §3.2).
     logps = torch.tensor([-12.0, -7.5, -30.0])
-    nll_sum = torch.tensor([12.0, 7.5, 30.0])
     ntok = torch.tensor([4, 3, 8])
-    loss, m = mpo_loss(logps, logps - 2, logps, logps - 2, nll_sum, ntok, 0.0, LossWeights())
-    nll = (12 + 7.5 + 30) / (4 + 3 + 8)
-    assert loss.item() == pytest.approx(0.8 * LN2 + 0.2 * 2 * LN2 + nll, abs=1e-6)
+    for normalization, nll in (("token", (12 + 7.5 + 30) / (4 + 3 + 8)), ("sequence", (3 + 2.5 + 3.75) / 3)):
+        loss, terms = mpo_loss(logps, logps - 2, logps, logps - 2, ntok, sft_normalization=normalization)
+        assert loss.item() == pytest.approx(0.8 * LN2 + 0.2 * 2 * LN2 + nll, abs=1e-6), normalization
     assert 0.8 * LN2 + 0.4 * LN2 == pytest.approx(0.8318, abs=1e-4)
-    assert m["rewards/accuracies"].item() == 0.0  # ties are not wins
-    assert m["rewards/margins"].item() == 0.0
+    assert (terms.chosen_rewards > terms.rejected_rewards).sum() == 0  # ties are not wins
 
 
 def test_hand_worked_values():
@@ -42,23 +52,46 @@ def test_hand_worked_values():
     assert preference_loss(c, r, 0.1, "ipo").item() == pytest.approx((5 - 1 / 0.2) ** 2, abs=1e-6)
     smooth = -math.log(_sig(0.5)) * 0.9 - math.log(_sig(-0.5)) * 0.1
     assert preference_loss(c, r, 0.1, "sigmoid", 0.1).item() == pytest.approx(smooth, abs=1e-6)
-    assert sft_loss(torch.tensor([6.0, 4.0]), torch.tensor([3, 2])).item() == pytest.approx(2.0)
+    # The same pair through the module: terms and the combined loss (token normalisation, 4 tokens).
+    loss, terms = mpo_loss(torch.tensor([-6.0]), torch.tensor([-9.0]), torch.tensor([-8.0]), torch.tensor([-6.0]),
+                           torch.tensor([4]), delta=0.05)  # fmt: skip
+    assert terms.preference.item() == pytest.approx(dpo, abs=1e-6)
+    assert terms.quality.item() == pytest.approx(bco, abs=1e-6)
+    assert loss.item() == pytest.approx(0.8 * dpo + 0.2 * bco + 6 / 4, abs=1e-6)
 
 
 def test_weights_switch_terms_off_and_combine_linearly():
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (torch.randn(5, generator=g) * 3 - 20 for _ in range(4))
-    nll, nt = -pc, torch.full((5,), 6)
-    terms = {}
+    nt = torch.tensor([6, 2, 9, 6, 3])
+    parts = {}
     for name, w in (("p", (1, 0, 0)), ("q", (0, 1, 0)), ("g", (0, 0, 1))):
-        weights = LossWeights(preference_weight=w[0], quality_weight=w[1], generation_weight=w[2])
-        terms[name] = mpo_loss(pc, pr, rc, rr, nll, nt, 0.3, weights)[0].item()
-    assert terms["p"] == pytest.approx(preference_loss(pc - rc, pr - rr, 0.1).mean().item(), rel=1e-6)
-    assert terms["q"] == pytest.approx(bco_pair_loss(pc - rc, pr - rr, 0.1, 0.3).mean().item(), rel=1e-6)
-    assert terms["g"] == pytest.approx((nll.sum() / 30).item(), rel=1e-6)
-    full, metrics = mpo_loss(pc, pr, rc, rr, nll, nt, 0.3, LossWeights())
-    assert full.item() == pytest.approx(0.8 * terms["p"] + 0.2 * terms["q"] + terms["g"], rel=1e-6)
-    assert metrics["loss/bco"].item() == pytest.approx(terms["q"], rel=1e-6)
+        weights = dict(preference_weight=w[0], quality_weight=w[1], generation_weight=w[2])
+        parts[name] = mpo_loss(pc, pr, rc, rr, nt, 0.3, **weights)[0].item()
+    assert parts["p"] == pytest.approx(preference_loss(pc - rc, pr - rr, 0.1).mean().item(), rel=1e-6)
+    assert parts["q"] == pytest.approx(bco_pair_loss(pc - rc, pr - rr, 0.1, 0.3).mean().item(), rel=1e-6)
+    assert parts["g"] == pytest.approx((-pc.sum() / nt.sum()).item(), rel=1e-6)
+    full, _ = mpo_loss(pc, pr, rc, rr, nt, 0.3)
+    assert full.item() == pytest.approx(0.8 * parts["p"] + 0.2 * parts["q"] + parts["g"], rel=1e-6)
+    loss, _ = mpo_loss(pc, pr, rc, rr, nt, 0.3, generation_weight=0.0)
+    assert loss.item() == pytest.approx(0.8 * parts["p"] + 0.2 * parts["q"], rel=1e-6)
+    # A zero weight keeps its term out entirely: an infinite reference log-prob (a pair the
+    # reference cannot produce) poisons L_p and L_q, not an SFT-only loss.
+    inf = torch.full((5,), float("-inf"))
+    sft_only, _ = mpo_loss(pc, pr, inf, inf, nt, 0.0, preference_weight=0.0, quality_weight=0.0)
+    assert torch.isfinite(sft_only) and sft_only.item() == pytest.approx(parts["g"], rel=1e-6)
+
+
+def test_sequence_normalisation_weights_every_answer_equally():
+    """sequence: mean over pairs of each answer's per-token NLL (paper: −log π(y_c|x)/|y_c|);
+    token: one mean over all tokens. Answers of 2 and 40 tokens with per-token NLL 1 and 3."""
+    pc = torch.tensor([-2.0, -120.0])
+    nt = torch.tensor([2, 40])
+    same = dict(preference_weight=0.0, quality_weight=0.0)
+    seq, _ = mpo_loss(pc, pc - 1, pc, pc - 1, nt, sft_normalization="sequence", **same)
+    tok, _ = mpo_loss(pc, pc - 1, pc, pc - 1, nt, sft_normalization="token", **same)
+    assert seq.item() == pytest.approx((1 + 3) / 2)
+    assert tok.item() == pytest.approx(122 / 42)
 
 
 def test_limits_large_margin_drives_preference_to_zero():
@@ -72,14 +105,15 @@ def test_limits_large_margin_drives_preference_to_zero():
     )
 
 
-def test_gradients_flow_to_policy_only_through_expected_terms():
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_gradients_flow_to_policy_only_through_expected_terms(normalization):
     pc = torch.tensor([-5.0], requires_grad=True)
     pr = torch.tensor([-6.0], requires_grad=True)
-    loss, _ = mpo_loss(
-        pc, pr, torch.tensor([-5.0]), torch.tensor([-6.0]), -pc, torch.tensor([5]), 0.0, LossWeights()
-    )
+    loss, _ = mpo_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-6.0]), torch.tensor([5]),
+                       sft_normalization=normalization)  # fmt: skip
     loss.backward()
     # d/dpc: 0.8·(-β·σ(0)) + 0.2·(-β·σ(0)) + (-1/5); d/dpr: 0.8·β·σ(0) + 0.2·β·σ(0)
+    # (one pair of 5 tokens: both normalisations divide the NLL by 5).
     assert pc.grad.item() == pytest.approx(-0.8 * 0.05 - 0.2 * 0.05 - 0.2, abs=1e-6)
     assert pr.grad.item() == pytest.approx(0.8 * 0.05 + 0.2 * 0.05, abs=1e-6)
 
@@ -94,6 +128,15 @@ def test_reward_shift_running_mean_and_state():
     t = RewardShift()
     t.load_state_dict(s.state_dict())
     assert t.value == s.value and t.count == 6
+
+
+def test_rewards_are_beta_times_logratios_detached():
+    pc = torch.tensor([-5.0, -1.0], requires_grad=True)
+    logps = PairLogps(
+        pc, pc - 2, torch.tensor([-6.0, -1.5]), torch.tensor([-4.0, -1.0]), torch.ones(2), torch.ones(2)
+    )
+    rewards = MPOLoss(LossConfig(beta=0.5)).rewards(logps)
+    assert rewards.tolist() == pytest.approx([0.5, 0.25, -1.5, -1.0]) and not rewards.requires_grad
 
 
 # ---- parity with TRL 1.16 on identical inputs ------------------------------------------------
@@ -171,10 +214,12 @@ def test_preference_matches_trl(logps_batch, loss_type):
     assert ours.item() == pytest.approx(trl.item(), rel=1e-6, abs=1e-7)
 
 
-def test_sft_matches_trl(logps_batch):
+def test_token_sft_matches_trl(logps_batch):
+    """TRL 1.16's ``sft`` is one token mean over the batch: our ``token`` normalisation."""
     per_token, mask, seq, ref, b = logps_batch
     trl = _trl_loss(["sft"], [1.0], per_token, mask, ref[:b], ref[b:])
-    ours = sft_loss(-seq[:b], mask[:b].sum(1))
+    ours, _ = mpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], mask[:b].sum(1), preference_weight=0,
+                       quality_weight=0, sft_normalization="token")  # fmt: skip
     assert ours.item() == pytest.approx(trl.item(), rel=1e-6)
 
 
@@ -189,10 +234,10 @@ def test_bco_pair_matches_trl_when_delta_is_zero(logps_batch):
 def test_full_mpo_matches_trl_loss_list_at_zero_delta(logps_batch):
     per_token, mask, seq, ref, b = logps_batch
     trl = _trl_loss(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], per_token, mask, ref[:b], ref[b:])
-    ours, _ = mpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], -seq[:b], mask[:b].sum(1), 0.0, LossWeights())
+    ours, _ = mpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], mask[:b].sum(1), sft_normalization="token")
     assert ours.item() == pytest.approx(trl.item(), rel=1e-6)
     # And with a nonzero δ ours differs, as it must (TRL has no shift).
-    shifted, _ = mpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], -seq[:b], mask[:b].sum(1), 0.5, LossWeights())
+    shifted, _ = mpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], mask[:b].sum(1), 0.5, sft_normalization="token")
     assert abs(shifted.item() - trl.item()) > 1e-4
 
 
@@ -201,15 +246,11 @@ def test_ipo_averages_per_token_like_trl(logps_batch):
     per_token, mask, seq, ref, b = logps_batch
     trl = _trl_loss(["ipo"], [1.0], per_token, mask, ref[:b], ref[b:])
     tokens = mask.sum(1)
-    w = LossWeights(preference_type="ipo", preference_weight=1.0, quality_weight=0.0, generation_weight=0.0)
-    ours, _ = mpo_loss(
-        seq[:b], seq[b:], ref[:b], ref[b:], -seq[:b], tokens[:b], 0.0, w, rejected_num_tokens=tokens[b:]
-    )
+    w = dict(preference_type="ipo", preference_weight=1.0, quality_weight=0.0, generation_weight=0.0)
+    ours, _ = mpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], tokens[:b], rejected_tokens=tokens[b:], **w)
     assert ours.item() == pytest.approx(trl.item(), rel=1e-6)
     summed = preference_loss(seq[:b] - ref[:b], seq[b:] - ref[b:], 0.1, "ipo").mean()
     assert abs(summed.item() - trl.item()) > 1e-3  # the unnormalised form is a different loss
-    with pytest.raises(ValueError, match="rejected_num_tokens"):
-        mpo_loss(seq[:b], seq[b:], ref[:b], ref[b:], -seq[:b], tokens[:b], 0.0, w)
 
 
 def test_unknown_preference_type_raises():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,13 @@ from mpo.observability import (
     attach_observability,
     configure_loggers,
     finish_loggers,
-    percentiles,
     prompt_from_item,
     startup_summary,
     tiles_per_pair,
     wandb_mode,
 )
 from mpo.run import build_trainer
+from mpo.stats import percentiles
 
 
 def _build(cfg):
@@ -60,8 +61,11 @@ def test_configure_loggers_sets_mode_and_run_name(monkeypatch, tiny_config):
 def test_percentiles_are_nearest_rank():
     xs = [5, 1, 13, 2, 2, 7, 1, 1, 4]
     got = percentiles(xs, (10, 50, 90, 100))
-    for q, v in got.items():
+    assert list(got) == ["p10", "p50", "p90", "max"]
+    for q, v in zip((10, 50, 90, 100), got.values()):
         assert v == np.percentile(xs, q, method="inverted_cdf")
+    # A histogram (value -> count) gives the same as the values it counts.
+    assert percentiles(Counter(xs), (10, 50, 90, 100)) == got and percentiles([]) == {}
 
 
 def test_prompt_is_chosen_ids_up_to_first_trained_label():
@@ -80,7 +84,7 @@ def test_startup_summary(tiny_config):
     trainer = _build(cfg)
     line = startup_summary(trainer, cfg, sample_items=16)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    tiles = [int(sum(trainer.train_dataset[i]["num_tiles"])) for i in range(0, 64, 4)]
+    tiles = [int(sum(trainer.train_dataset[i][0]["num_tiles"])) for i in range(0, 64, 4)]
     assert tiles_per_pair(trainer.train_dataset, 16) == tiles
     p = {q: int(np.percentile(tiles, q, method="inverted_cdf")) for q in (50, 90, 100)}
     counts = trainer.train_dataset.source.counts()

@@ -31,7 +31,8 @@ def test_header_tiles_equal_real_tiling(tmp_path, size, max_num):
 def mixed_pairs(tokenizer, tmp_path_factory):
     """Pairs with 0, 1, 3, 5 tiles and short or long answers."""
     from mpo.config import DataConfig
-    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.data.pairs import PairDataset
+    from mpo.data.tiling import VisionSpec
     from mpo.model.tiny import build_config
 
     root = tmp_path_factory.mktemp("mixed")
@@ -51,7 +52,7 @@ def mixed_pairs(tokenizer, tmp_path_factory):
             rec["question"] = "What shape is shown?"
         lines.append(json.dumps(rec))
     (root / "p.jsonl").write_text("\n".join(lines) + "\n")
-    vision = VisionSpec.from_model_config(build_config(tokenizer))
+    vision = VisionSpec.from_config(build_config(tokenizer))
     return PairDataset(root / "p.jsonl", tokenizer, vision, DataConfig(max_dynamic_patch=4))
 
 
@@ -59,7 +60,7 @@ def test_pair_lengths_match_encoded_lengths(mixed_pairs):
     est = pair_lengths(mixed_pairs, text_batch=5)
     real = []
     for i in range(len(mixed_pairs)):
-        it = mixed_pairs[i]
+        it, _ = mixed_pairs[i]
         real.append(max(len(it["chosen_input_ids"]), len(it["rejected_input_ids"])))
     # Text is tokenized piecewise, so BPE merges across template boundaries may shift a token or two.
     assert np.abs(est - np.array(real)).max() <= 2, (est.tolist(), real)
@@ -147,9 +148,9 @@ def test_sampler_with_dataloader_groups_real_pairs(mixed_pairs):
     loader = torch.utils.data.DataLoader(
         mixed_pairs, batch_size=4, sampler=sampler, collate_fn=PairCollator(0)
     )
-    widths = [b["input_ids"].shape[1] for b in loader]
+    widths = [b["input_ids"].shape[1] for b, _ in loader]
     real = sorted(
-        max(len(mixed_pairs[i]["chosen_input_ids"]), len(mixed_pairs[i]["rejected_input_ids"]))
+        max(len(mixed_pairs[i][0]["chosen_input_ids"]), len(mixed_pairs[i][0]["rejected_input_ids"]))
         for i in range(16)
     )
     # With one mega-batch the batches are exactly the sorted length quartiles.

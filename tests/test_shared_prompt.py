@@ -13,6 +13,7 @@ import torch
 from test_logprobs import write_tiled_pairs
 
 from mpo.data.collate import PairCollator
+from mpo.data.events import DataEvents
 from mpo.logprobs import batch_logps
 from mpo.shared_prompt import pack_pairs, shared_prompt_batch_logps
 
@@ -43,11 +44,12 @@ def tiled_items(tiny_model_dir, tmp_path_factory):
     from transformers import AutoConfig
 
     from mpo.config import DataConfig
-    from mpo.data.pairs import PairDataset, VisionSpec
+    from mpo.data.pairs import PairDataset
+    from mpo.data.tiling import VisionSpec
     from mpo.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
-    vision = VisionSpec.from_model_config(AutoConfig.from_pretrained(tiny_model_dir))
+    vision = VisionSpec.from_config(AutoConfig.from_pretrained(tiny_model_dir))
     path = write_tiled_pairs(tmp_path_factory.mktemp("shared"), [(64, 64), (128, 64), (128, 128)])
     ds = PairDataset(path, tok, vision, DataConfig(max_dynamic_patch=4))
     return [ds[i] for i in range(len(ds))], tok.pad_token_id
@@ -59,7 +61,7 @@ def test_shared_prompt_equals_plain_logps_and_gradients(tiny_model_dir, tiled_it
 
     items, pad = tiled_items
     model = load_model(str(tiny_model_dir), attn_implementation=attn)
-    batch = PairCollator(pad)(items)
+    batch, _ = PairCollator(pad)(items)
     weights = torch.linspace(0.5, 2.0, batch["input_ids"].shape[0])
 
     model.zero_grad()
@@ -86,7 +88,7 @@ def test_shared_prompt_text_only_pairs(tiny_model_dir, tokenizer):
 
     model = load_model(str(tiny_model_dir))
     p = [10, 11, 12, 13]
-    items = [
+    pairs = [
         {
             "chosen_input_ids": torch.tensor(p + [20, 21, 22]),
             "chosen_labels": torch.tensor([-100] * 4 + [20, 21, 22]),
@@ -102,7 +104,8 @@ def test_shared_prompt_text_only_pairs(tiny_model_dir, tokenizer):
             "pixel_values": None,
         },
     ]
-    batch = PairCollator(tokenizer.pad_token_id)(items)
+    items = [(pair, DataEvents(seen=1)) for pair in pairs]
+    batch, _ = PairCollator(tokenizer.pad_token_id)(items)
     with torch.no_grad():
         torch.testing.assert_close(
             shared_prompt_batch_logps(model, batch).logps,

@@ -34,18 +34,18 @@ class StopAfter(TrainerCallback):
 
 def test_step0_loss_equals_0p832_plus_nll(tiny_config):
     """π = πref and δ = 0 before the first update: L = 0.8·ln2 + 0.2·2·ln2 + NLL(chosen)."""
-    trainer, _ = build_trainer(tiny_config())
-    batch = next(iter(trainer.get_train_dataloader()))
+    trainer, _ = build_trainer(tiny_config("loss.sft_normalization=token"))
+    batch, events = next(iter(trainer.get_train_dataloader()))
     model = trainer.model
     model.train()
-    loss = trainer.compute_loss(model, batch)
+    loss = trainer.compute_loss(model, (batch, events))
     # Independent NLL: the model's own full forward (its own vision pass, full logits) on chosen rows.
     b = batch["num_pairs"]
     with torch.no_grad():
         out = model(
             input_ids=batch["input_ids"][:b],
             attention_mask=batch["attention_mask"][:b],
-            pixel_values=batch["pixel_values"][: batch["pixel_values"].shape[0]],
+            pixel_values=batch["pixel_values"],  # each pair's tiles, once
         )
     logits = out.logits[:, :-1].float()
     targets = batch["labels"][:b, 1:]
@@ -189,7 +189,7 @@ def test_group_by_length_batches_have_less_padding(tiny_config, tmp_path):
         )
         assert isinstance(trainer._get_train_sampler(), LengthGroupedPairSampler) == grouped
         padded, real, n = 0, 0, 0
-        for batch in trainer.get_train_dataloader():
+        for batch, _ in trainer.get_train_dataloader():
             padded += batch["attention_mask"].numel()
             real += int(batch["attention_mask"].sum())
             n += batch["num_pairs"]
@@ -208,44 +208,71 @@ def test_shared_prompt_refuses_flash_attention(tiny_config):
         tiny_config("model.shared_prompt=true", "model.attn_implementation=flash_attention_2")
 
 
-def test_loss_terms_do_not_depend_on_how_the_step_is_split(tiny_config, tmp_path):
-    """One optimizer step of 4 pairs as 1 micro-batch of 4 or 2 micro-batches of 2: the SFT term
-    is the step's token mean and the preference term its pair mean either way (answers of 1 to
-    20+ tokens: any split into two micro-batches has unequal token counts, so a mean of
-    per-micro-batch token means would differ)."""
+def _one_sgd_step(tiny_config, tmp_path, normalization: str, micro: int, accum: int):
+    """(logged loss, weight update) of one SGD step (lr 1, no clipping) on 4 pairs whose chosen
+    answers run from 1 to 20+ tokens, split into ``accum`` micro-batches of ``micro``."""
     words = ["red", "The shape is a circle", "blue square on a white background with a dot", "yes " * 20]
-    rows = [{"question": f"q{i}", "chosen": w, "rejected": "no"} for i, w in enumerate(words)]
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    logs = {}
-    for micro, accum in ((4, 1), (2, 2)):
-        out = tmp_path / f"run{micro}x{accum}"
-        cfg = tiny_config(
+    data.write_text("".join(json.dumps({"question": f"q{i}", "chosen": w, "rejected": "no"}) + "\n"
+                            for i, w in enumerate(words)))  # fmt: skip
+    trainer, _ = build_trainer(
+        tiny_config(
             f"data.meta_path={data}",
             "data.eval_meta_path=null",
+            f"loss.sft_normalization={normalization}",
             "training.max_steps=1",
             "training.save_strategy=no",
+            "training.optim=sgd",
+            "training.learning_rate=1.0",
+            "training.max_grad_norm=0",
             f"training.per_device_train_batch_size={micro}",
             f"training.gradient_accumulation_steps={accum}",
-            f"training.output_dir={out}",
+            f"training.output_dir={tmp_path / f'{normalization}{micro}x{accum}'}",
         )
-        run_training(cfg)
-        logs[accum] = _train_logs(out)[1]
-    for key in ("loss/sft", "loss/dpo", "logps/chosen"):
-        assert logs[2][key] == pytest.approx(logs[1][key], rel=1e-5), key
-    assert logs[1]["loss/sft"] > 0
+    )
+    start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    trainer.train()
+    loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+    return loss, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - start
+
+
+# float32: each gradient entry sums ≤ 4 pairs × ~60 token terms computed with other padding and
+# grouping, so its rounding is ≲ 240·ε ≈ 3e-5 of the largest entry; 1e-4 of the largest update
+# (and of the loss) leaves room and is 100× below what the two normalisations differ by.
+SPLIT_RTOL = 1e-4
+
+
+@pytest.mark.parametrize("normalization", ["sequence", "token"])
+def test_one_step_does_not_depend_on_how_it_is_split(tiny_config, tmp_path, normalization):
+    """1 micro-batch of 4, 2 of 2 or 4 of 1: the same logged loss and the same weights after the
+    step. Any split has micro-batches with unequal token counts, so a mean of per-micro-batch
+    means would differ."""
+    loss, delta = _one_sgd_step(tiny_config, tmp_path, normalization, 4, 1)
+    scale = delta.abs().max().item()
+    assert scale > 1e-3  # the step moved the weights
+    for micro, accum in ((2, 2), (1, 4)):
+        other_loss, other_delta = _one_sgd_step(tiny_config, tmp_path, normalization, micro, accum)
+        assert other_loss == pytest.approx(loss, rel=SPLIT_RTOL), (micro, accum)
+        assert (other_delta - delta).abs().max().item() <= SPLIT_RTOL * scale, (micro, accum)
+
+
+def test_sft_normalisations_give_different_steps(tiny_config, tmp_path):
+    """The control for the test above: its tolerance does tell the two normalisations apart."""
+    _, seq = _one_sgd_step(tiny_config, tmp_path, "sequence", 4, 1)
+    _, tok = _one_sgd_step(tiny_config, tmp_path, "token", 4, 1)
+    assert (seq - tok).abs().max().item() > 100 * SPLIT_RTOL * seq.abs().max().item()
 
 
 def test_bf16_without_deepspeed_runs_the_forward_in_bf16(tiny_config):
     """transformers autocasts ``model.forward``; our loss calls submodules, so it autocasts itself."""
     trainer, _ = build_trainer(tiny_config("training.bf16=true"))
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     seen = []
     layer = trainer.model.model.language_model.layers[0].mlp
     handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     try:
         trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, batch)
+        loss = trainer.compute_loss(trainer.model, inputs)
     finally:
         handle.remove()
     assert seen and set(seen) == {torch.bfloat16}

@@ -10,67 +10,46 @@ model weights are loaded.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mpo.data.mmpr import DataError
-
-PERCENTILES = (50, 90, 99, 100)
 
 
 def vision_spec_for(model_path: str):
-    """VisionSpec from the checkpoint's config.json (native via AutoConfig, original read raw)."""
-    from mpo.data.pairs import VisionSpec
+    """VisionSpec from the checkpoint's config.json (either format), without loading weights."""
+    from mpo.data.tiling import VisionSpec
 
     p = Path(model_path) / "config.json"
     if p.is_file():
-        raw = json.loads(p.read_text())
-        if "InternVLChatModel" in (raw.get("architectures") or []):
-            # Original remote-code format: AutoConfig would need trust_remote_code.
-            vc = raw["vision_config"]
-            size = raw.get("force_image_size") or vc["image_size"]
-            tokens = int((size // vc["patch_size"]) ** 2 * raw.get("downsample_ratio", 0.5) ** 2)
-            return VisionSpec(image_size=int(size), tokens_per_tile=tokens)
+        return VisionSpec.from_config(json.loads(p.read_text()))
     from transformers import AutoConfig
 
     from mpo.model.loading import unreachable
 
     try:
-        return VisionSpec.from_model_config(AutoConfig.from_pretrained(model_path))
+        return VisionSpec.from_config(AutoConfig.from_pretrained(model_path))
     except OSError as exc:
         raise unreachable(model_path, exc) from exc
 
 
-def _setup(argv: list[str], prog: str, extra) -> tuple[argparse.Namespace, Any, Any, Any]:
-    from mpo.config import load_config
-    from mpo.model.loading import load_tokenizer
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Config, tokenizer and vision spec. Only ``model`` and ``data`` are validated: the data can
+    be checked before the ``training`` section is settled."""
+    from mpo.config import ConfigError, data_problems, load_config, model_problems
 
-    p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("--config", required=True, help="experiment YAML")
-    extra(p)
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as in training")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    return args, cfg, load_tokenizer(cfg.model.path), vision_spec_for(cfg.model.path)
+    cfg = load_config(args.config, args.overrides, check=False)
+    problems = model_problems(cfg.model) + data_problems(cfg.data)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    from mpo.model.loading import check_model_path, load_tokenizer
 
-
-def percentiles(hist: Counter[int]) -> dict[str, int]:
-    """Exact percentiles (nearest rank) of the lengths counted in ``hist``."""
-    if not hist:
-        return {}
-    keys = np.array(sorted(hist))
-    cum = np.cumsum([hist[k] for k in keys])
-    total = cum[-1]
-    out = {}
-    for q in PERCENTILES:
-        rank = max(1, int(np.ceil(q / 100 * total)))
-        out[f"p{q}" if q < 100 else "max"] = int(keys[np.searchsorted(cum, rank)])
-    return out
+    check_model_path(cfg.model.path)
+    return cfg, load_tokenizer(cfg.model.path), vision_spec_for(cfg.model.path)
 
 
 def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]:
@@ -81,44 +60,45 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
     """
     import dataclasses
 
+    from mpo.data.events import DataEvents, skip_report
     from mpo.data.pairs import PairDataset
+    from mpo.stats import percentiles
 
     counting = dataclasses.replace(data_cfg, on_bad_sample="skip", max_bad_fraction=1.0)
     ds = PairDataset(meta_path, tokenizer, vision, counting, pixels=False)
-    per_dataset: dict[str, dict[str, int]] = {}
+    per_dataset: dict[str, Counter] = {}
+    events = DataEvents()
     lengths: Counter[int] = Counter()  # memory grows with distinct lengths, not with lines
     for spec, f in zip(ds.source.specs, ds.source.files):
         stats = per_dataset.setdefault(spec.name, Counter())
-        before = sum(ds.skipped.values())
         for row in range(len(f)):
-            pair = ds.guarded(lambda row=row, spec=spec, f=f: (spec, *f.record(row)))
+            pair, ev = ds.encode_record(lambda row=row, spec=spec, f=f: (spec, *f.record(row)))
+            events.add(ev)
+            stats["lines"] += 1
             if pair is None:
+                stats["skipped"] += 1
                 continue
             stats["valid_lines"] += 1
             stats["images"] += len(pair["num_tiles"])
             stats["tiles"] += sum(pair["num_tiles"])
-            for n in ds.encoder.last_full_lengths.values():
+            for n in pair["full_lengths"].values():
                 lengths[n] += 1
-        stats["lines"] += len(f)
-        stats["skipped"] += sum(ds.skipped.values()) - before
-    ds.cfg = data_cfg  # judge with the run's own policy
     ok, problem = True, None
     usable = sum(stats["valid_lines"] for stats in per_dataset.values())
     if usable == 0:
         ok, problem = (
             False,
-            f"no usable pairs: {len(ds)} sample(s) after repeat_time, skips by reason {dict(ds.skipped)}",
+            f"no usable pairs: {len(ds)} sample(s) after repeat_time, skips by reason {dict(events.skipped)}",
         )
-    elif data_cfg.on_bad_sample == "error" and ds.bad:
+    elif data_cfg.on_bad_sample == "error" and events.bad:
         ok, problem = (
             False,
-            f"{ds.bad} bad line(s); training with data.on_bad_sample=error stops at the first",
+            f"{events.bad} bad line(s); training with data.on_bad_sample=error stops at the first",
         )
     else:
-        try:
-            ds.check_bad_fraction(final=True)
-        except DataError as exc:
-            ok, problem = False, str(exc)
+        problem = events.bad_fraction_problem(data_cfg.max_bad_fraction)
+        ok = problem is None
+        problem = f"{meta_path}: {problem}" if problem else None
     counts = ds.source.counts()
     for name, stats in per_dataset.items():
         stats["pairs_after_repeat"] = counts.get(name, 0)
@@ -129,9 +109,9 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
         "datasets": {k: dict(v) for k, v in per_dataset.items()},
         "pairs": len(ds),
         "token_lengths": percentiles(lengths),
-        "truncated_responses": dict(ds.truncated),
-        "skipped": dict(ds.skipped),
-        "report": ds.report(),
+        "truncated_responses": dict(events.truncated),
+        "skipped": dict(events.skipped),
+        "report": skip_report(meta_path, len(ds), data_cfg.max_bad_fraction, events),
     }
 
 
@@ -156,16 +136,17 @@ def _format_check(res: dict[str, Any]) -> str:
 
 def cmd_check(argv: list[str]) -> int:
     """``mpo data check``: exit 0 when every dataset passes the run's bad-sample policy, 1 if not."""
+    from mpo.cli_args import config_parser
 
-    def extra(p):
-        p.add_argument("--json", action="store_true", help="print one JSON object per meta file")
-        p.add_argument("--out", default=None, help="also write data_skips[_eval].json into this folder")
-
+    p = config_parser("mpo data check", "Validate every line; counts, tiles, token lengths, skips")
+    p.add_argument("--json", action="store_true", help="print one JSON object per meta file")
+    p.add_argument("--out", default=None, help="also write data_skips[_eval].json into this folder")
+    args = p.parse_args(argv)
     from mpo.config import ConfigError
     from mpo.model.loading import ModelLoadError
 
     try:
-        args, cfg, tokenizer, vision = _setup(argv, "mpo data check", extra)
+        cfg, tokenizer, vision = _load(args)
         metas = [("train", cfg.data.meta_path)] + (
             [("eval", cfg.data.eval_meta_path)] if cfg.data.eval_meta_path else []
         )
@@ -218,21 +199,20 @@ def inspect_pair(pair: dict[str, Any], tokenizer, tokens_per_tile: int, ignore_i
 
 def cmd_inspect(argv: list[str]) -> int:
     """``mpo data inspect``: one JSON line per requested pair (global index after repeat_time)."""
+    from mpo.cli_args import config_parser
 
-    def extra(p):
-        p.add_argument("--index", required=True, help="sample index (0-based, after repeat_time) or 'all'")
-        p.add_argument("--json", action="store_true", help="JSON output (the only format)")
-        p.add_argument(
-            "--eval", action="store_true", help="read data.eval_meta_path instead of data.meta_path"
-        )
-
+    p = config_parser("mpo data inspect", "One pair exactly as the model sees it, as JSON")
+    p.add_argument("--index", required=True, help="sample index (0-based, after repeat_time) or 'all'")
+    p.add_argument("--json", action="store_true", help="JSON output (the only format)")
+    p.add_argument("--eval", action="store_true", help="read data.eval_meta_path instead of data.meta_path")
+    args = p.parse_args(argv)
     from mpo.config import ConfigError
     from mpo.data.pairs import PairDataset
     from mpo.data.template import IGNORE_INDEX
     from mpo.model.loading import ModelLoadError
 
     try:
-        args, cfg, tokenizer, vision = _setup(argv, "mpo data inspect", extra)
+        cfg, tokenizer, vision = _load(args)
         meta = cfg.data.eval_meta_path if args.eval else cfg.data.meta_path
         if meta is None:
             raise DataError("--eval given but data.eval_meta_path is not set")
@@ -247,9 +227,9 @@ def cmd_inspect(argv: list[str]) -> int:
             if not 0 <= indices[0] < len(ds):
                 raise DataError(f"--index {indices[0]} out of range: {meta} has {len(ds)} pairs")
         for i in indices:
-            pair = ds[i]
+            pair, events = ds[i]
             if pair is None:  # skipped under on_bad_sample=skip; the reason goes to stderr
-                print(f"index {i}: skipped: {ds.last_skip}", file=sys.stderr)
+                print(f"index {i}: skipped: {events.first_examples(1)[0]}", file=sys.stderr)
                 continue
             print(
                 json.dumps(
@@ -266,10 +246,12 @@ SUBCOMMANDS = {"check": cmd_check, "inspect": cmd_inspect}
 
 
 def cmd_data(argv: list[str]) -> int:
-    if not argv or argv[0] not in SUBCOMMANDS:
-        print(__doc__, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    if argv[0] not in SUBCOMMANDS:
+        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown subcommand '{argv[0]}'{hint} (check, inspect)", file=sys.stderr)
+        return 2
     return SUBCOMMANDS[argv[0]](argv[1:])
-
-
-CLI_COMMANDS = {"data": cmd_data}

@@ -6,35 +6,36 @@ from typing import Any
 
 import torch
 
-from mpo.data.events import EVENTS_KEY, DataEvents, is_skipped
+from mpo.data.events import DataEvents
 from mpo.data.template import IGNORE_INDEX
+
+Item = tuple[dict[str, Any] | None, DataEvents]
 
 
 class PairCollator:
-    """Pads pairs into one batch of ``2 * B`` sequences.
+    """Pads pairs into one batch of ``2 * B`` sequences; returns ``(batch, events)``.
 
-    Output:
+    Input: dataset items ``(pair or None, DataEvents)``; skipped pairs (None) are dropped.
+
+    Output batch:
         input_ids, attention_mask, labels: ``(2B, L)``; rows ``[0, B)`` are the chosen answers,
             rows ``[B, 2B)`` the rejected ones, in the same pair order; right padding.
         pixel_values: ``(sum of tiles, 3, S, S)`` in pair order, each pair's tiles once (both
             answers reuse them), or absent when no pair has an image.
-        num_pairs: B. Skipped pairs (None, or only their events) are dropped and counted.
-        data_events: the items' skip/truncation events summed (``mpo.data.events``), when they
-            carry any.
+        ref_chosen_logps, ref_rejected_logps: ``(B,)`` float64, when the items carry them.
+        num_pairs: B (0 when every pair of the batch was skipped: the batch holds nothing else).
+    Output events: the items' events summed.
     """
 
     def __init__(self, pad_token_id: int, ignore_index: int = IGNORE_INDEX):
         self.pad_token_id = pad_token_id
         self.ignore_index = ignore_index
-        self.dropped = 0
 
-    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        pairs = [it for it in items if not is_skipped(it)]
-        self.dropped += len(items) - len(pairs)
-        recorded = [it[EVENTS_KEY] for it in items if it is not None and EVENTS_KEY in it]
-        events = {EVENTS_KEY: DataEvents.total(recorded).to_dict()} if recorded else {}
+    def __call__(self, items: list[Item]) -> tuple[dict[str, Any], DataEvents]:
+        pairs = [pair for pair, _ in items if pair is not None]
+        events = DataEvents.total(ev for _, ev in items)
         if not pairs:
-            return {"num_pairs": 0, **events}
+            return {"num_pairs": 0}, events
         seqs = [p["chosen_input_ids"] for p in pairs] + [p["rejected_input_ids"] for p in pairs]
         labs = [p["chosen_labels"] for p in pairs] + [p["rejected_labels"] for p in pairs]
         length = max(len(s) for s in seqs)
@@ -51,7 +52,6 @@ class PairCollator:
             "attention_mask": attention_mask,
             "labels": labels,
             "num_pairs": len(pairs),
-            **events,
         }
         pixels = [p["pixel_values"] for p in pairs if p.get("pixel_values") is not None]
         if pixels:
@@ -59,4 +59,4 @@ class PairCollator:
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in pairs[0]:
                 batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float64)
-        return batch
+        return batch, events

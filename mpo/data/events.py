@@ -1,23 +1,20 @@
-"""Data events (skipped and truncated pairs) that travel with the batches to the trainer.
+"""Data events: pairs read, skipped (by reason) and truncated, travelling as return values.
 
-A ``PairDataset`` counts skips and truncations in the process that reads the data. Under
-``transformers.Trainer`` that is a DataLoader worker (``dataloader_num_workers > 0``) on each
-rank, so the main process's own counters would miss most of them. ``RecordingDataset`` attaches
-each pair's events to the item, ``PairCollator`` sums them per batch (``batch["data_events"]``),
-and ``MPOTrainer`` adds up the batches it actually trains on, sums over ranks, and keeps the total
-in every checkpoint: the run's skip report is then exact with workers, several ranks and resumes.
-Counts are per pass: a bad line met in three epochs counts three times.
+Encoding a line returns ``(pair or None, DataEvents)``; the collator returns ``(batch, events)``
+with its items' events summed; ``MPOTrainer`` adds up the batches it actually trains on, sums
+over ranks, and keeps the total in every checkpoint. The run's skip report is then exact with
+DataLoader workers (which read the data in other processes), several ranks and resumes. Counts
+are per pass: a bad line met in three epochs counts three times.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
-
-EVENTS_KEY = "data_events"
 EXAMPLES_KEPT = 20  # skip messages kept per reason (a report, not a log)
 
 
@@ -30,6 +27,11 @@ class DataEvents:
     skipped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def skip(cls, reason: str, message: str, bad: bool) -> DataEvents:
+        """One pair read and skipped for ``reason``; ``bad`` unless it was a length-policy skip."""
+        return cls(seen=1, bad=int(bad), skipped=Counter({reason: 1}), examples={reason: [message]})
 
     def add(self, other: DataEvents | dict[str, Any] | None) -> DataEvents:
         if other is None:
@@ -72,53 +74,21 @@ class DataEvents:
             examples={k: list(v) for k, v in d.get("examples", {}).items()},
         )
 
+    def first_examples(self, n: int = 3) -> list[str]:
+        return [m for msgs in self.examples.values() for m in msgs][:n]
 
-def is_skipped(item: dict[str, Any] | None) -> bool:
-    """A dataset item that holds no pair: None, or only the events of a skipped one."""
-    return item is None or "chosen_input_ids" not in item
+    def bad_fraction_problem(self, limit: float, min_seen: int = 0) -> str | None:
+        """Why the bad share is over ``limit`` (judged once ``min_seen`` pairs were read), or None.
 
-
-def pair_dataset_of(ds):
-    """The ``PairDataset`` under any wrappers (reference cache, recording): they keep it as ``pairs``."""
-    while hasattr(ds, "pairs") and not hasattr(ds, "encoder"):
-        ds = ds.pairs
-    return ds
-
-
-class RecordingDataset(torch.utils.data.Dataset):
-    """Wraps a (possibly reference-cached) PairDataset: every item carries its own ``EVENTS_KEY``.
-
-    A skipped pair becomes ``{EVENTS_KEY: {...}}`` (no tensors; the collator drops it after
-    counting), a kept one gets ``EVENTS_KEY`` added. Other attributes come from the wrapped dataset.
-    """
-
-    def __init__(self, pairs):
-        self.pairs = pairs
-        self._base = pair_dataset_of(pairs)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getattr__(self, name: str):
-        if name in ("pairs", "_base"):
-            raise AttributeError(name)
-        return getattr(self.pairs, name)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        base = self._base
-        bad, skipped, truncated = base.bad, Counter(base.skipped), Counter(base.truncated)
-        item = self.pairs[i]
-        events = DataEvents(
-            seen=1,
-            bad=base.bad - bad,
-            skipped=Counter(base.skipped) - skipped,
-            truncated=Counter(base.truncated) - truncated,
+        ``min_seen`` keeps one early bad line from ending a run: the share is judged after
+        ``min(len(dataset), 100)`` pairs during training and after a full pass in ``mpo data check``.
+        """
+        if self.seen == 0 or self.seen < min_seen or self.bad <= limit * self.seen:
+            return None
+        return (
+            f"{self.bad} of {self.seen} samples are bad ({self.bad / self.seen:.2%}), over "
+            f"data.max_bad_fraction={limit}; skips by reason: {dict(self.skipped)}; first: {self.first_examples()}"
         )
-        if item is None:
-            reason = next(iter(events.skipped), "invalid_sample")
-            events.examples = {reason: [base.last_skip or ""]}
-            return {EVENTS_KEY: events.to_dict()}
-        return {**item, EVENTS_KEY: events.to_dict()}
 
 
 def gather_events(events: DataEvents) -> DataEvents:
@@ -130,3 +100,26 @@ def gather_events(events: DataEvents) -> DataEvents:
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, events.to_dict())
     return DataEvents.total(parts)
+
+
+def skip_report(meta_path: str | Path, num_samples: int, max_bad_fraction: float, events: DataEvents) -> dict:
+    """The ``data_skips.json`` record of one pass (or a whole run) over ``meta_path``."""
+    return {
+        "meta_path": str(meta_path),
+        "samples": num_samples,
+        "seen": events.seen,
+        "bad": events.bad,
+        "skipped": dict(events.skipped),
+        "truncated_responses": dict(events.truncated),
+        "max_bad_fraction": max_bad_fraction,
+        "examples": events.examples,
+    }
+
+
+def write_skip_report(out_dir: str | Path, name: str, report: dict) -> Path:
+    """Write ``report`` (``skip_report``) as ``out_dir/name``; returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    return path

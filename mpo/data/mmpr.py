@@ -1,7 +1,7 @@
 """Reading MMPR meta files and their annotations without loading them into Python lists.
 
 A meta JSON maps dataset names to ``{"root", "annotation", "repeat_time", "max_dynamic_patch",
-...}`` (facts §4). An annotation (or the ``meta_path`` itself, as a single dataset) may be:
+...}`` (docs/internvl-format.md §4). An annotation (or the ``meta_path`` itself, as a single dataset) may be:
 
 * a JSONL file: indexed by the byte offset of each line (one int64 per line, a numpy array), so
   millions of lines cost megabytes, every sample keeps its exact 1-based line number for error
@@ -325,9 +325,6 @@ class MixedSource:
         k, row = self.locate(i)
         line_no, obj = self.files[k].record(row)
         return self.specs[k], line_no, obj
-
-    def spec_of(self, i: int) -> DatasetSpec:
-        return self.specs[self.locate(i)[0]]
 
     def counts(self) -> dict[str, int]:
         """Samples per dataset after repeat_time."""

@@ -3,7 +3,7 @@
 Follows ``preprocess_internvl2_5`` in OpenGVLab/InternVL ``internvl_chat/internvl/train/dataset.py``:
 each turn is rendered and tokenized on its own, then concatenated; in the assistant turn the
 ``<|im_start|>assistant\\n`` prefix and the final ``\\n`` are masked, so the trained tokens are the
-answer text plus ``<|im_end|>`` (shared/docs/internvl-facts.md §3).
+answer text plus ``<|im_end|>`` (docs/internvl-format.md §3).
 """
 
 from __future__ import annotations

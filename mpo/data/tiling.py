@@ -4,10 +4,16 @@ Same algorithm as ``dynamic_preprocess`` / ``build_transform`` in OpenGVLab/Inte
 (``internvl_chat/internvl/train/dataset.py``): choose the (cols, rows) grid whose aspect ratio is
 closest to the image's (ties go to the larger grid only when the image area exceeds half the
 grid's pixel area), resize with BICUBIC, cut row-major, append a thumbnail of the whole image when
-there is more than one tile, then normalise with ImageNet mean/std (facts §2).
+there is more than one tile, then normalise with ImageNet mean/std.
+
+The tile/token arithmetic of a checkpoint (tile size, tokens per tile) and the per-image tile
+budget of multi-image samples live here too, so the data path, `mpo data` and export agree.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +21,42 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """What the data needs from a checkpoint's vision side: tile size and image tokens per tile.
+
+    Tokens per tile = (tile / patch)² · downsample_ratio² (pixel unshuffle): 256 for InternVL's
+    448 px tiles with 14 px patches and ratio 0.5. Never assumed: read from the checkpoint.
+    """
+
+    image_size: int
+    tokens_per_tile: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> VisionSpec:
+        """From a native ``InternVLConfig`` (object or dict) or an original ``config.json`` dict.
+
+        The original format's tile size is ``force_image_size`` when set (it wins over the ViT's
+        own ``image_size``).
+        """
+        raw = config.to_dict() if hasattr(config, "to_dict") else config
+        vc = raw["vision_config"]
+        size = int(_first(raw.get("force_image_size") or vc["image_size"]))
+        patch = int(_first(vc["patch_size"]))
+        ratio = float(raw.get("downsample_ratio", 0.5))
+        return cls(image_size=size, tokens_per_tile=int((size // patch) ** 2 * ratio**2))
+
+
+def per_image_budget(budget: int, num_images: int) -> int:
+    """Tiles each image of a ``num_images``-image sample may use: ``max(1, budget // n)``
+    (InternVL's ``internvl_chat_mpo.py`` multi-image rule); a single image gets the whole budget."""
+    return max(1, budget // num_images) if num_images > 1 else budget
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:

@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mpo.model.convert import FormatError
-from mpo.model.lora import LoraConfigError
-
 
 def _fail(exc: Exception) -> int:
     print(f"error: {exc}", file=sys.stderr)
@@ -21,13 +18,13 @@ def _fail(exc: Exception) -> int:
 
 def cmd_convert(argv: list[str]) -> int:
     """Convert a checkpoint folder between the original (LMDeploy) and native (-hf) formats."""
-    from mpo.model.convert import convert_checkpoint
-
     p = argparse.ArgumentParser(prog="mpo convert", description=cmd_convert.__doc__)
     p.add_argument("--to", required=True, choices=["native", "original"])
     p.add_argument("src", help="checkpoint folder (either format)")
     p.add_argument("dst", help="output folder")
     a = p.parse_args(argv)
+    from mpo.model.convert import FormatError, convert_checkpoint
+
     try:
         print(convert_checkpoint(a.src, a.dst, a.to))
     except (FormatError, ValueError, FileExistsError) as exc:
@@ -37,8 +34,6 @@ def cmd_convert(argv: list[str]) -> int:
 
 def cmd_export(argv: list[str]) -> int:
     """Write a servable full model (LoRA adapters merged) with tokenizer, chat template and model card."""
-    from mpo.model.export import export_model, is_adapter_dir
-
     p = argparse.ArgumentParser(prog="mpo export", description=cmd_export.__doc__)
     p.add_argument("ckpt", help="a run's final/ or checkpoint-N/ folder (LoRA adapter or full model)")
     p.add_argument("out", help="new output folder")
@@ -60,6 +55,10 @@ def cmd_export(argv: list[str]) -> int:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
+    from mpo.model.convert import FormatError
+    from mpo.model.export import export_model, is_adapter_dir
+    from mpo.model.lora import LoraConfigError
+
     if is_adapter_dir(a.ckpt) and not a.merge_lora:
         return _fail(ValueError(f"{a.ckpt} holds LoRA adapters: pass --merge-lora to write a full model"))
     try:
@@ -71,8 +70,6 @@ def cmd_export(argv: list[str]) -> int:
 
 def cmd_generate(argv: list[str]) -> int:
     """Greedy answer from a model folder, with InternVL's tiling and chat template."""
-    from mpo.model.generate import answer_from_dir
-
     p = argparse.ArgumentParser(prog="mpo generate", description=cmd_generate.__doc__)
     p.add_argument("--model", required=True, help="model folder (native, original or LoRA adapter)")
     p.add_argument("--image", default=None, help="image file (optional)")
@@ -81,11 +78,11 @@ def cmd_generate(argv: list[str]) -> int:
     p.add_argument("--max-num", type=int, default=12, help="max tiles per image")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = p.parse_args(argv)
+    from mpo.model.convert import FormatError
+    from mpo.model.generate import answer_from_dir
+
     try:
         print(answer_from_dir(a.model, a.question, a.image, a.max_new_tokens, a.max_num, a.dtype))
     except (FormatError, ValueError, FileNotFoundError) as exc:
         return _fail(exc)
     return 0
-
-
-CLI_COMMANDS = {"convert": cmd_convert, "export": cmd_export, "generate": cmd_generate}

@@ -1,6 +1,6 @@
 """InternVL checkpoint formats: original remote-code ``InternVLChatModel`` <-> native ``-hf``.
 
-Two layouts of the same network exist on the hub (shared/docs/internvl-facts.md §1):
+Two layouts of the same network exist on the hub (docs/internvl-format.md §1):
 
 * original (``OpenGVLab/InternVL2_5-1B-MPO``, served by LMDeploy): ``architectures:
   ["InternVLChatModel"]``, a config with ``vision_config`` / ``llm_config``, keys ``vision_model.*``,
@@ -8,7 +8,7 @@ Two layouts of the same network exist on the hub (shared/docs/internvl-facts.md 
 * native (``OpenGVLab/InternVL2_5-1B-MPO-hf``, transformers' ``InternVLForConditionalGeneration``,
   served by vLLM and transformers): ``model_type: "internvl"``, ``vision_config`` / ``text_config``.
 
-Both directions are written here from the key list in the facts file and checked by round trips
+Both directions are written here from the key list in docs/internvl-format.md §1 and checked by round trips
 in ``tests/test_convert.py``; nothing runs the checkpoint's remote code. The native config keeps
 the original config under ``mpo_original_config`` so that original -> native -> original gives the
 same config back (fields the weights determine are always re-derived from the native config).
@@ -256,7 +256,7 @@ def original_to_native_config(
         raise FormatError(
             f"config.json: llm_config.architectures={lc.get('architectures')}; supported: {sorted(SUPPORTED_LLMS)}"
         )
-    # The checkpoint's own tile size wins over the ViT default: never assume 448 (facts §1).
+    # The checkpoint's own tile size wins over the ViT default: never assume 448.
     image_size = int(orig.get("force_image_size") or _first(vc["image_size"]))
     patch = int(_first(vc["patch_size"]))
     vision = InternVLVisionConfig(
@@ -367,7 +367,7 @@ def native_to_original_config(native: InternVLConfig | dict[str, Any]) -> dict[s
         olc["rope_theta"] = rope.get("rope_theta", tc.get("rope_theta"))
     if rope.get("rope_type", "default") != "default" and "rope_scaling" not in olc:
         olc["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    # The original keeps a separate lm_head and forces tying off (facts §1).
+    # The original keeps a separate lm_head and forces tying off (its configuration_internvl_chat.py).
     olc["tie_word_embeddings"] = False
     out["tie_word_embeddings"] = False
     out["architectures"] = [ORIGINAL_ARCH]
@@ -453,10 +453,6 @@ def _image_token_id(folder: Path) -> int:
     if tid is None or tid == tok.unk_token_id:
         raise FormatError(f"{folder}: the tokenizer has no {IMG_CONTEXT} token")
     return int(tid)
-
-
-def _dtype_of(name: str | None) -> torch.dtype | None:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name or "")
 
 
 def load_original_as_native(

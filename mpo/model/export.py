@@ -3,8 +3,9 @@
 A folder written here can be served as is: weights + config (native for vLLM/transformers, or
 original for LMDeploy), the tokenizer, ``generation_config.json`` (greedy, stops at
 ``<|im_end|>``), the chat template with InternVL's system prompt as default (the published -hf
-template has none, facts §3), the image processor settings that reproduce InternVL's tiling
-(facts §2) and a short model card.
+``chat_template.jinja`` of OpenGVLab/InternVL2_5-1B-MPO-hf has none; training adds it, see
+docs/internvl-format.md §3), the image processor settings that reproduce InternVL's tiling
+(docs/internvl-format.md §2) and a short model card.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from mpo.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# What a tokenizer folder holds (export and consolidate copy these; the first marks a tokenizer).
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def chat_template(system_message: str | None = None) -> str:
@@ -189,28 +196,20 @@ def _write_generation_config(out: Path, tokenizer) -> str:
 
 
 def _vision_spec(out: Path, config):
-    from mpo.data.pairs import VisionSpec
+    from mpo.data.tiling import VisionSpec
 
-    if config is None:
-        path = out / "config.json"
-        if not path.is_file():
-            return None
-        raw = json.loads(path.read_text())
-        if "llm_config" in raw:  # original layout: the tile size is force_image_size
-            size = int(raw.get("force_image_size") or raw["vision_config"]["image_size"])
-            patch = int(raw["vision_config"]["patch_size"])
-            return VisionSpec(size, int((size // patch) ** 2 * raw.get("downsample_ratio", 0.5) ** 2))
-        from transformers import InternVLConfig
-
-        config = InternVLConfig.from_dict(raw)
-    return VisionSpec.from_model_config(config)
+    if config is not None:
+        return VisionSpec.from_config(config)
+    path = out / "config.json"
+    return VisionSpec.from_config(json.loads(path.read_text())) if path.is_file() else None
 
 
 def _write_processor_files(out: Path, vision, cfg) -> list[str]:
     from transformers import GotOcr2ImageProcessorPil
 
     max_patches = getattr(getattr(cfg, "data", None), "max_dynamic_patch", 12)
-    # These settings reproduce InternVL's dynamic tiling exactly (facts §2); the class defaults do not.
+    # These settings reproduce InternVL's dynamic tiling exactly (tests/test_data_tiling.py compares
+    # the pixels); the class defaults (384 px, CLIP mean/std, no tiling) do not.
     proc = GotOcr2ImageProcessorPil(
         size={"height": vision.image_size, "width": vision.image_size},
         image_mean=list(IMAGENET_MEAN),

@@ -1,6 +1,6 @@
 """Which parameters train: vision tower, projector, language model (with the LM head).
 
-The three parts are InternVL's "ViT-MLP-LLM" (facts §1). The official MPO run trains all three;
+The three parts are InternVL's "ViT-MLP-LLM" (docs/internvl-format.md §1). The official MPO run trains all three;
 freezing the ViT (optionally keeping its last N layers trainable) is the usual memory lever.
 """
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mpo.data.pairs import VisionSpec
 from mpo.data.template import TemplateEncoder, expand_image_placeholders
-from mpo.data.tiling import tile_image
+from mpo.data.tiling import VisionSpec, tile_image
 
 
 def build_prompt(
@@ -75,7 +74,7 @@ def answer(
     system_message: str | None = None,
 ) -> str:
     """The model's greedy answer to ``question`` about ``image`` (special tokens stripped)."""
-    vision = VisionSpec.from_model_config(model.config)
+    vision = VisionSpec.from_config(model.config)
     inputs = build_prompt(tokenizer, vision, question, image, max_num, system_message)
     new = greedy_generate(model.eval(), tokenizer, inputs, max_new_tokens)
     return tokenizer.decode(new, skip_special_tokens=True)

@@ -10,7 +10,7 @@
     modules_to_save: [projector]       optional: parts trained in full beside the adapters
 
 Targets are one regex anchored on ``language_model`` / ``vision_tower``: a plain list of leaf names
-(``q_proj``...) would also hit the ViT's ``q_proj/k_proj/v_proj`` (facts §7). With adapters
+(``q_proj``...) would also hit the ViT's ``q_proj/k_proj/v_proj`` (peft matches leaf names anywhere). With adapters
 disabled the model is exactly the base model, which is the MPO reference
 (``model.reference=lora_disabled``): no second copy of the weights.
 """
@@ -26,7 +26,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Linear layers of the Qwen2/Llama decoder and of InternViT (native names, facts §1).
+# Linear layers of the Qwen2/Llama decoder and of InternViT (native names, docs/internvl-format.md §1).
 LLM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_MODULES = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
 # Where each part's decoder/encoder layers live (in-memory names of InternVLForConditionalGeneration).

@@ -2,7 +2,7 @@
 
 Tests and the demo use these so nothing is downloaded. The architecture is the real one
 (InternViT -> pixel-unshuffle MLP projector -> Qwen2), only the sizes are small; the special
-tokens and the chat markers are InternVL's (shared/docs/internvl-facts.md §1, §3, §7).
+tokens and the chat markers are InternVL's (docs/internvl-format.md §1, §3).
 """
 
 from __future__ import annotations
