@@ -242,10 +242,11 @@ class RefCachedDataset(torch.utils.data.Dataset):
     def meta_path(self) -> Path:
         return self.pairs.meta_path
 
-    def __getitem__(self, i: int):
-        pair, events = self.pairs[i]
+    def __getitem__(self, index: int):
+        pair, events = self.pairs[index]
         if pair is None:  # a skipped sample: the collator drops it
             return pair, events
+        i = int(index) % len(self.pairs)  # the training sampler tags indices with the epoch
         spec, line_no, _ = self.pairs.source.get(i)
         c, r = self.cache.lookup(pair_key(self.pairs, i), f"{spec.annotation}:{line_no}")
         return {**pair, "ref_chosen_logps": c, "ref_rejected_logps": r}, events
@@ -259,6 +260,13 @@ def open_ref_cache(
     A sample of pairs is looked up now so a cache made for other data fails before training
     starts; every other pair is checked when it is loaded.
     """
+    augmented = [s.name for s in pair_dataset.source.specs if s.data_augment]
+    if augmented:
+        raise RefCacheError(
+            f"model.reference=cache: dataset(s) {augmented} in {pair_dataset.meta_path} set data_augment: true, "
+            "so their pixels change every epoch and no cached reference log-prob fits them; use "
+            "model.reference=copy, or set data_augment to false in the meta file"
+        )
     cache = RefCache(folder)
     cache.check(model_identity(ref_path, torch_dtype), data_settings(pair_dataset))
     n = len(pair_dataset)

@@ -142,7 +142,7 @@ def build_datasets(cfg: ExperimentConfig, tokenizer, model_config) -> Datasets:
 
     vision = VisionSpec.from_config(model_config)
     d = cfg.data
-    train_pairs = PairDataset(d.meta_path, tokenizer, vision, d)
+    train_pairs = PairDataset(d.meta_path, tokenizer, vision, d, train=True)
     eval_pairs = PairDataset(d.eval_meta_path, tokenizer, vision, d) if d.eval_meta_path else None
     train, evaluation = train_pairs, eval_pairs
     if cfg.model.reference == "cache":

@@ -127,6 +127,32 @@ def length_grouped_indices(
     return [i for b in batches for i in b]
 
 
+class EpochTaggedSampler(torch.utils.data.Sampler[int]):
+    """Yields ``epoch·N + i`` for each index ``i`` of ``inner``: the dataset learns the epoch from
+    the index (``PairDataset`` takes ``divmod(index, N)``), so per-sample random views are seeded
+    by (sample, epoch) in DataLoader workers too and a resumed run draws the same views.
+
+    ``set_epoch`` (called by the Trainer at every epoch, resumed ones included) is passed on.
+    """
+
+    def __init__(self, inner: torch.utils.data.Sampler, num_samples: int):
+        self.inner = inner
+        self.num_samples = num_samples
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.num_samples
+        return (base + int(i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 class LengthGroupedPairSampler(torch.utils.data.Sampler[int]):
     """Seeded, per-epoch deterministic sampler that puts pairs of similar length in a micro-batch.
 

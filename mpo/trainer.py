@@ -322,13 +322,24 @@ class MPOTrainer(Trainer):
         return loss.detach(), None, None
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.train_lengths is None:
-            return super()._get_train_sampler(train_dataset)
-        from mpo.sampler import LengthGroupedPairSampler
+        """The Trainer's sampler (or length-grouped batches), with the epoch in each index so
+        per-sample random views (``data_augment``) are seeded by (sample, epoch)."""
+        from mpo.sampler import EpochTaggedSampler, LengthGroupedPairSampler
 
-        return LengthGroupedPairSampler(
-            self.train_lengths(), self.args.per_device_train_batch_size, seed=self.args.seed
-        )
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.train_lengths is None:
+            inner = super()._get_train_sampler(train_dataset)
+            if isinstance(inner, torch.utils.data.RandomSampler):
+                # What accelerate would swap in had it seen the RandomSampler (our wrapper hides
+                # it): an order drawn from (seed, epoch), the same on every rank and on resume.
+                from accelerate.data_loader import SeedableRandomSampler
+
+                inner = SeedableRandomSampler(data_source=dataset, data_seed=self.args.data_seed)
+        else:
+            inner = LengthGroupedPairSampler(
+                self.train_lengths(), self.args.per_device_train_batch_size, seed=self.args.seed
+            )
+        return EpochTaggedSampler(inner, len(dataset))
 
     # ---- logging: metrics reduced once per logging step ---------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

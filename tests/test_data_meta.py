@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,15 +197,44 @@ def test_offsets_index_matches_python_lines(tmp_path):
     assert [f.record(i)[1] for i in range(300)] == rows
 
 
-def test_data_augment_is_reported_not_silently_dropped(tmp_path, tokenizer, caplog):
-    write_jsonl(tmp_path / "x.jsonl", lines_for("X", 2))
-    meta = tmp_path / "m.json"
+def _augment_meta(tmp_path, augment: bool) -> Path:
+    Image.linear_gradient("L").convert("RGB").resize((56, 28)).save(tmp_path / "g.png")  # 2 tiles + thumbnail
+    rows = [{"image": "g.png", "question": "q", "chosen": "a", "rejected": "b"}] * 2
+    write_jsonl(tmp_path / "x.jsonl", rows)
+    meta = tmp_path / f"m{augment}.json"
     meta.write_text(
-        json.dumps({"X": {"annotation": "x.jsonl", "data_augment": True}, "Y": {"annotation": "x.jsonl"}})
+        json.dumps({"X": {"root": str(tmp_path), "annotation": "x.jsonl", "data_augment": augment}})
     )
-    with caplog.at_level("WARNING", logger="mpo.data.pairs"):
-        PairDataset(meta, tokenizer, VISION, DataConfig())
-    assert "data_augment is not applied" in caplog.text and "['X']" in caplog.text
+    return meta
+
+
+def test_data_augment_is_seeded_by_sample_and_epoch(tmp_path, tokenizer):
+    """InternVL's data_augment: every tile goes through a JPEG round trip at a quality in 75..100.
+    The draw depends on (data.seed, sample, epoch) only: the same index gives the same pixels (in
+    any process, so resume is exact), another epoch other pixels; evaluation is never augmented."""
+    from mpo.data.tiling import JPEG_QUALITIES, dynamic_tiles, jpeg_degrade, normalize_tiles
+
+    meta = _augment_meta(tmp_path, True)
+    train = PairDataset(meta, tokenizer, VISION, DataConfig(), train=True)
+    n = len(train)
+    epoch0, again, epoch1 = (
+        train[0][0]["pixel_values"],
+        train[0][0]["pixel_values"],
+        train[n][0]["pixel_values"],
+    )
+    assert torch.equal(epoch0, again) and not torch.equal(epoch0, epoch1)
+    assert not torch.equal(epoch0, train[1][0]["pixel_values"])  # same image, other sample: other draw
+    # An independent computation of sample 0, epoch 0: the generator the dataset documents.
+    rng = np.random.default_rng([DataConfig().seed, 0, 0])
+    tiles = dynamic_tiles(Image.open(tmp_path / "g.png").convert("RGB"), 1, 12, 28, True)
+    expected = normalize_tiles([jpeg_degrade(t, int(rng.choice(JPEG_QUALITIES))) for t in tiles], 28)
+    assert torch.equal(epoch0, expected)
+    clean = PairDataset(meta, tokenizer, VISION, DataConfig(), train=False)[0][0]["pixel_values"]
+    assert not torch.equal(epoch0, clean)
+    assert (epoch0 - clean).abs().max() < 0.5  # a JPEG round trip at quality >= 75, not other pixels
+    # data_augment: false in the meta: training pixels are the clean ones, in every epoch.
+    off = PairDataset(_augment_meta(tmp_path, False), tokenizer, VISION, DataConfig(), train=True)
+    assert torch.equal(off[0][0]["pixel_values"], clean) and torch.equal(off[n][0]["pixel_values"], clean)
 
 
 def test_forked_dataloader_workers_read_their_own_lines(tmp_path, tokenizer):

@@ -187,7 +187,7 @@ def test_group_by_length_batches_have_less_padding(tiny_config, tmp_path):
                 f"training.output_dir={tmp_path / str(grouped)}",
             )
         )
-        assert isinstance(trainer._get_train_sampler(), LengthGroupedPairSampler) == grouped
+        assert isinstance(trainer._get_train_sampler().inner, LengthGroupedPairSampler) == grouped
         padded, real, n = 0, 0, 0
         for batch, _ in trainer.get_train_dataloader():
             padded += batch["attention_mask"].numel()
@@ -277,3 +277,20 @@ def test_bf16_without_deepspeed_runs_the_forward_in_bf16(tiny_config):
         handle.remove()
     assert seen and set(seen) == {torch.bfloat16}
     assert torch.isfinite(loss)
+
+
+def test_training_order_is_seeded_and_carries_the_epoch(tiny_config, tmp_path):
+    """The sampler's order depends on the seed and the epoch only (not on how much of the global
+    RNG something else used: ranks and resumes must agree), and each index carries its epoch."""
+    first, _ = build_trainer(tiny_config(f"training.output_dir={tmp_path / 'a'}"))
+    sampler = first._get_train_sampler()
+    sampler.set_epoch(0)
+    order0 = list(sampler)
+    torch.rand(1000)  # another consumer of the global RNG
+    second, _ = build_trainer(tiny_config(f"training.output_dir={tmp_path / 'b'}"))
+    again = second._get_train_sampler()
+    again.set_epoch(0)
+    assert list(again) == order0 and sorted(order0) == list(range(64))
+    sampler.set_epoch(1)
+    order1 = list(sampler)
+    assert sorted(order1) == list(range(64, 128)) and [i - 64 for i in order1] != order0

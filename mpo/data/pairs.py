@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -161,10 +162,13 @@ class PairEncoder:
         # caught) and the tile count is computed, but no tiles are resized or normalised.
         self.pixels = pixels
 
-    def images(self, spec: DatasetSpec, obj: dict, where: str) -> tuple[str, torch.Tensor | None, list[int]]:
+    def images(
+        self, spec: DatasetSpec, obj: dict, where: str, rng: np.random.Generator | None = None
+    ) -> tuple[str, torch.Tensor | None, list[int]]:
         """(kind, tiles of every image/frame or None for text-only, tiles per image/frame).
 
         Tiles are ``(sum of tiles, 3, S, S)`` float32; each image is decoded and tiled once.
+        ``rng`` (training only): the sample's random draws, for ``data_augment``.
         """
         kind, _ = media_entries(obj, where)
         if kind == "text":
@@ -187,17 +191,21 @@ class PairEncoder:
             if not self.pixels:
                 counts.append(count_tiles(*img.size, per_image, size, min_num, self.cfg.use_thumbnail))
                 continue
-            t = tile_image(img, per_image, size, min_num, self.cfg.use_thumbnail)
+            augment = rng if spec.data_augment else None
+            t = tile_image(img, per_image, size, min_num, self.cfg.use_thumbnail, augment_rng=augment)
             tiles.append(t)
             counts.append(t.shape[0])
         return kind, (torch.cat(tiles) if tiles else None), counts
 
-    def encode(self, spec: DatasetSpec, line_no: int, obj: dict) -> tuple[dict[str, Any], Counter]:
+    def encode(
+        self, spec: DatasetSpec, line_no: int, obj: dict, rng: np.random.Generator | None = None
+    ) -> tuple[dict[str, Any], Counter]:
         """The encoded pair and which of its responses were truncated (``{"chosen": 1}``...).
 
         The pair holds ``{chosen,rejected}_{input_ids,labels}`` (1-D long), ``pixel_values``
         (``(tiles, 3, S, S)`` or None), ``num_tiles`` (per image/frame), ``full_lengths``
         (untruncated sequence lengths), ``dataset`` and ``line``. Raises ``SampleError``.
+        ``rng``: the sample's random draws in training (``data_augment``); None: deterministic.
         """
         where = f"{spec.annotation}:{line_no}"
         question = _text_field(obj, "question", where)
@@ -217,7 +225,7 @@ class PairEncoder:
                     "(the template inserts these itself)",
                     "reserved_token",
                 )
-        kind, pixel_values, tiles = self.images(spec, obj, where)
+        kind, pixel_values, tiles = self.images(spec, obj, where, rng)
         try:
             if kind == "video":
                 question = expand_video_placeholder(question, len(tiles))
@@ -276,34 +284,49 @@ class PairDataset(torch.utils.data.Dataset):
     the reason and message, which the collator counts and drops. Length skips (``truncation=skip``
     or a prompt over ``max_length``) are skips too, never errors and never "bad". The dataset keeps
     no counters: its items carry their events, from whichever worker process read them.
+
+    ``train=True``: random views (``data_augment``) are drawn from a generator seeded by
+    ``(data.seed, sample, epoch)``, so a resumed run sees the same pixels. The training sampler
+    (``mpo.sampler.EpochTaggedSampler``) passes the epoch inside the index: index ``e·N + i`` is
+    sample ``i`` in epoch ``e``. With ``train=False`` (evaluation, reference caches) every view is
+    the deterministic one.
     """
 
-    def __init__(self, meta_path: str | Path, tokenizer, vision: VisionSpec, data_cfg, pixels: bool = True):
+    def __init__(
+        self,
+        meta_path: str | Path,
+        tokenizer,
+        vision: VisionSpec,
+        data_cfg,
+        pixels: bool = True,
+        train: bool = False,
+    ):
         self.meta_path = Path(meta_path)
         self.source = MixedSource(read_meta(meta_path), seed=data_cfg.seed)
         self.encoder = PairEncoder(tokenizer, vision, data_cfg, pixels=pixels)
         self.cfg = data_cfg
-        # InternVL's data_augment is a random JPEG re-compression (quality 75-100) of every image;
-        # we keep pixels deterministic (reference caches and resumes depend on it) and say so.
-        augmented = [s.name for s in self.source.specs if s.data_augment]
-        if augmented:
-            logger.warning("data_augment is not applied (pixels stay deterministic) for: %s", augmented)
+        self.train = train
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, Any] | None, DataEvents]:
-        return self.encode_record(lambda: self.source.get(i))
+    def __getitem__(self, index: int) -> tuple[dict[str, Any] | None, DataEvents]:
+        epoch, i = divmod(int(index), len(self))
+        rng = np.random.default_rng([self.cfg.seed, i, epoch]) if self.train else None
+        return self.encode_record(lambda: self.source.get(i), rng)
 
-    def encode_record(self, read) -> tuple[dict[str, Any] | None, DataEvents]:
+    def encode_record(
+        self, read, rng: np.random.Generator | None = None
+    ) -> tuple[dict[str, Any] | None, DataEvents]:
         """Read and encode one record with the bad-sample policy applied.
 
         Args:
             read: callable returning ``(spec, line_no, obj)``; may raise ``DataError``.
+            rng: the sample's random draws (training), or None.
         """
         try:
             spec, line_no, obj = read()
-            pair, truncated = self.encoder.encode(spec, line_no, obj)
+            pair, truncated = self.encoder.encode(spec, line_no, obj, rng)
         except DataError as exc:
             policy = getattr(exc, "policy", False)
             if getattr(exc, "fatal", False) or (self.cfg.on_bad_sample == "error" and not policy):

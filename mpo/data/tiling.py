@@ -12,6 +12,7 @@ budget of multi-image samples live here too, so the data path, `mpo data` and ex
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,9 +123,35 @@ def normalize_tiles(tiles: list[Image.Image], image_size: int) -> torch.Tensor:
     return out
 
 
+# InternVL's data_augment: each tile re-encoded as JPEG at a quality drawn from 75..100
+# (``qualities`` and ``simulate_jpeg_degradation`` in internvl_chat/internvl/train/dataset.py,
+# applied per tile by ``build_transform(is_train=True)``).
+JPEG_QUALITIES = tuple(range(75, 101))
+
+
+def jpeg_degrade(tile: Image.Image, quality: int) -> Image.Image:
+    """``tile`` after a JPEG round trip at ``quality``."""
+    buf = io.BytesIO()
+    tile.convert("RGB").save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return im.convert("RGB")
+
+
 def tile_image(
-    image: Image.Image, max_num: int, image_size: int, min_num: int = 1, use_thumbnail: bool = True
+    image: Image.Image,
+    max_num: int,
+    image_size: int,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+    augment_rng: np.random.Generator | None = None,
 ) -> torch.Tensor:
-    """One image -> normalised tiles ``(num_tiles, 3, image_size, image_size)``."""
+    """One image -> normalised tiles ``(num_tiles, 3, image_size, image_size)``.
+
+    ``augment_rng``: apply InternVL's ``data_augment`` (a JPEG round trip per tile at a quality
+    drawn from ``JPEG_QUALITIES`` with this generator); None keeps the pixels exact.
+    """
     tiles = dynamic_tiles(image.convert("RGB"), min_num, max_num, image_size, use_thumbnail)
+    if augment_rng is not None:
+        tiles = [jpeg_degrade(t, int(augment_rng.choice(JPEG_QUALITIES))) for t in tiles]
     return normalize_tiles(tiles, image_size)
