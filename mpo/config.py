@@ -45,16 +45,18 @@ class ModelConfig:
     )
     ref_cache: str | None = opt(None, "folder written by `mpo precompute-ref` (reference=cache)")
     torch_dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "parameter dtype when loading")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "LLM attention kernel")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = opt(
+        "auto",
+        "attention kernel; auto: flash_attention_2 on CUDA with flash-attn installed, else flex_attention "
+        "on CUDA, else sdpa. Shared-prompt and packed pairs use the same kind (mpo.pair_attention)",
+    )
     freeze_vision: bool = opt(False, "freeze the vision tower")
     freeze_projector: bool = opt(False, "freeze the MLP projector")
     freeze_llm: bool = opt(False, "freeze the language model and LM head")
     unfreeze_vision_last_n: int = opt(0, "with freeze_vision: train the last N ViT layers")
     lora: dict[str, Any] | None = opt(None, "peft LoRA settings {target: llm|vision|both, r, alpha, dropout}")
     logprob_chunk_size: int = opt(4096, "response tokens per LM-head call (bounds the logits memory)")
-    shared_prompt: bool = opt(
-        False, "one LLM pass over [prompt | chosen | rejected] per pair (sdpa/eager attention)"
-    )
+    shared_prompt: bool = opt(False, "one LLM pass over [prompt | chosen | rejected] per pair")
 
 
 @dataclass
@@ -79,6 +81,12 @@ class DataConfig:
     video_max_frames: int = opt(32, "most frames sampled from a video")
     seed: int = opt(42, "seed of the subsample when repeat_time < 1")
     group_by_length: bool = opt(False, "batch pairs of similar estimated length (less padding)")
+    packing: bool = opt(
+        False,
+        "training micro-batches are whole pairs packed into one row under max_tokens_per_batch, no padding "
+        "(each pair [prompt | chosen | rejected]; replaces per_device_train_batch_size)",
+    )
+    max_tokens_per_batch: int = opt(16384, "with packing: tokens per micro-batch, image tokens counted")
 
 
 @dataclass
@@ -329,11 +337,6 @@ def model_problems(m: ModelConfig) -> list[str]:
         problems.append("model.path is required (a hub id or a local checkpoint folder)")
     if m.reference == "lora_disabled" and not m.lora:
         problems.append("model.reference=lora_disabled needs model.lora settings")
-    if m.shared_prompt and m.attn_implementation == "flash_attention_2":
-        problems.append(
-            "model.shared_prompt=true needs a block attention mask, which flash_attention_2 cannot take: "
-            "use model.attn_implementation=sdpa or turn shared_prompt off"
-        )
     if m.reference == "cache" and not m.ref_cache:
         problems.append("model.reference=cache needs model.ref_cache (written by `mpo precompute-ref`)")
     if m.logprob_chunk_size < 1:
@@ -353,6 +356,13 @@ def data_problems(d: DataConfig) -> list[str]:
         problems.append("data.max_bad_fraction must be in [0, 1]")
     if not 1 <= d.video_min_frames <= d.video_max_frames:
         problems.append("data.video_min_frames must be >= 1 and <= data.video_max_frames")
+    if d.packing and d.group_by_length:
+        problems.append("data.packing=true already groups pairs by tokens: set data.group_by_length=false")
+    if d.packing and d.max_tokens_per_batch < d.max_length:
+        problems.append(
+            f"data.max_tokens_per_batch ({d.max_tokens_per_batch}) must be >= data.max_length ({d.max_length}): "
+            "a micro-batch holds at least one whole pair"
+        )
     return problems
 
 

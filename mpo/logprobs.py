@@ -28,14 +28,21 @@ class SequenceLogps:
         return self.logps[:half], self.logps[half:]
 
 
-def lm_head_calls(labels: torch.Tensor, chunk_size: int) -> int:
-    """LM-head calls ``response_logps`` makes for ``labels``: one per ``chunk_size`` trained
-    positions, at least one (so even a batch without trained tokens keeps a gradient path)."""
-    trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return max(1, -(-trained // chunk_size))
+def trained_positions(batch: dict) -> int:
+    """Positions of a pair batch whose next token is trained: one LM-head row each. Plain batches
+    (``PairCollator``) count them from ``labels``, packed ones (``mpo.packing``) from ``scored``."""
+    if "scored" in batch:
+        return int(batch["scored"].shape[0])
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def lockstep_lm_head_calls(labels: torch.Tensor, chunk_size: int) -> int:
+def lm_head_calls(positions: int, chunk_size: int) -> int:
+    """LM-head calls for ``positions`` trained positions: one per ``chunk_size``, at least one (so
+    even a batch without trained tokens keeps a gradient path)."""
+    return max(1, -(-positions // chunk_size))
+
+
+def lockstep_lm_head_calls(positions: int, chunk_size: int, device: torch.device) -> int:
     """The most LM-head calls any rank needs for its batch (one all-reduce).
 
     ZeRO-3 gathers a module's weights at each call, a collective, so every rank must call the LM
@@ -43,9 +50,56 @@ def lockstep_lm_head_calls(labels: torch.Tensor, chunk_size: int) -> int:
     """
     import torch.distributed as dist
 
-    t = torch.tensor([lm_head_calls(labels, chunk_size)], dtype=torch.long, device=labels.device)
+    t = torch.tensor([lm_head_calls(positions, chunk_size)], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def scored_logps(
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    targets: torch.Tensor,
+    owners: torch.Tensor,
+    num_sequences: int,
+    lm_head: torch.nn.Module,
+    chunk_size: int = 4096,
+    calls: int | None = None,
+) -> SequenceLogps:
+    """Summed log-probs per sequence of the tokens scored at given hidden-state positions.
+
+    Args:
+        hidden: ``(N, L, H)`` last hidden states.
+        rows, cols, targets, owners: ``(T,)`` each: the hidden state at ``[rows, cols]`` predicts
+            token ``targets``, a trained token of sequence ``owners`` (in ``[0, num_sequences)``).
+        lm_head: the output projection, applied to ``chunk_size`` positions per call (bounds the
+            logits buffer to ``chunk x vocab``); from its output on, float32 (float64 stays).
+        calls: LM-head calls to make (empty chunks included), at least ``lm_head_calls(T,
+            chunk_size)``; data-parallel ranks pass ``lockstep_lm_head_calls`` so they match.
+    Returns:
+        ``SequenceLogps`` of ``num_sequences`` sequences (float32 sums, or float64 for a float64
+        model; token counts).
+    """
+    selected = hidden[rows, cols]  # (T, H)
+    needed = lm_head_calls(selected.shape[0], chunk_size)
+    if calls is not None and calls < needed:
+        raise ValueError(
+            f"{calls} LM-head calls cannot cover {selected.shape[0]} positions in chunks of {chunk_size}"
+        )
+    parts = []
+    for k in range(calls or needed):
+        start = k * chunk_size
+        logits = lm_head(selected[start : start + chunk_size])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> float32
+        # log p(token) = logit[token] - logsumexp(logits): avoids a second (chunk, vocab) buffer.
+        tok = targets[start : start + chunk_size]
+        parts.append(logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1))
+    token_lp = torch.cat(parts)
+    logps = torch.zeros(num_sequences, dtype=token_lp.dtype, device=hidden.device).index_add(
+        0, owners, token_lp
+    )
+    counts = torch.bincount(owners, minlength=num_sequences)
+    return SequenceLogps(logps=logps, num_tokens=counts)
 
 
 def response_logps(
@@ -60,33 +114,13 @@ def response_logps(
 
     Args:
         hidden: ``(N, L, H)`` last hidden states. labels: ``(N, L)``, ``ignore_index`` where untrained.
-        lm_head: the output projection (tied to the embeddings in InternVL2.5-1B).
-        chunk_size: positions per LM-head call; bounds the logits buffer to ``chunk x vocab``.
-        calls: LM-head calls to make (empty chunks included), at least ``lm_head_calls(labels,
-            chunk_size)``; data-parallel ranks pass ``lockstep_lm_head_calls`` so they match.
+        lm_head, chunk_size, calls: as in ``scored_logps``.
     """
     targets = labels[:, 1:]
-    mask = targets != ignore_index
-    rows, cols = mask.nonzero(as_tuple=True)  # positions t whose next token t+1 is trained
-    selected = hidden[:, :-1][rows, cols]  # (T, H)
-    tokens = targets[rows, cols]
-    parts = []
-    needed = max(1, -(-selected.shape[0] // chunk_size))  # = lm_head_calls(labels, chunk_size)
-    if calls is not None and calls < needed:
-        raise ValueError(
-            f"{calls} LM-head calls cannot cover {selected.shape[0]} positions in chunks of {chunk_size}"
-        )
-    for k in range(calls or needed):
-        start = k * chunk_size
-        logits = lm_head(selected[start : start + chunk_size]).float()
-        # log p(token) = logit[token] - logsumexp(logits): avoids a second (chunk, vocab) buffer.
-        tok = tokens[start : start + chunk_size]
-        parts.append(logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1))
-    token_lp = torch.cat(parts)
-    n = labels.shape[0]
-    logps = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_lp)
-    counts = mask.sum(-1)
-    return SequenceLogps(logps=logps, num_tokens=counts)
+    rows, cols = (targets != ignore_index).nonzero(as_tuple=True)  # positions t whose next token is trained
+    return scored_logps(
+        hidden, rows, cols, targets[rows, cols], rows, labels.shape[0], lm_head, chunk_size, calls
+    )
 
 
 def image_features_once(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -109,20 +143,21 @@ def idle_vision_term(model, like: torch.Tensor) -> torch.Tensor:
     return image_features_once(model, blank).sum().to(like.dtype) * 0
 
 
-def pair_hidden_states(model, batch: dict, lockstep: bool = False) -> torch.Tensor:
-    """Last hidden states ``(2B, L, H)`` for a pair batch, the vision pass shared by both halves.
+def embed_with_images(
+    model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, copies: int, lockstep: bool = False
+) -> torch.Tensor:
+    """Token embeddings ``(N, L, H)`` with the image features at the image-token positions.
 
-    ``lockstep``: a batch without images still runs the vision tower (``idle_vision_term``).
+    The vision tower runs once over ``pixel_values`` (every pair's tiles, in pair order); the
+    features are placed ``copies`` times in row-major order: a plain batch holds each pair's image
+    tokens twice (chosen rows, then rejected rows), a packed one once. ``lockstep``: a batch
+    without images still runs the vision tower (``idle_vision_term``).
     """
     core = model.model
-    input_ids = batch["input_ids"]
     embeds = core.get_input_embeddings()(input_ids)
-    pixel_values = batch.get("pixel_values")
     if pixel_values is not None:
-        feats = image_features_once(model, pixel_values).to(embeds.dtype)
-        # Chosen rows [0, B) and rejected rows [B, 2B) hold the same image tokens in the same
-        # order, so the row-major placeholder order is: every pair's features, then again.
-        feats = torch.cat([feats, feats]).reshape(-1, embeds.shape[-1])
+        feats = image_features_once(model, pixel_values).to(embeds.dtype).reshape(-1, embeds.shape[-1])
+        feats = feats.repeat(copies, 1) if copies > 1 else feats
         mask = input_ids == model.config.image_token_id
         if int(mask.sum()) != feats.shape[0]:
             raise ValueError(
@@ -132,7 +167,19 @@ def pair_hidden_states(model, batch: dict, lockstep: bool = False) -> torch.Tens
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
     elif lockstep:
         embeds = embeds + idle_vision_term(model, embeds)
-    out = core.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
+    return embeds
+
+
+def pair_hidden_states(model, batch: dict, lockstep: bool = False) -> torch.Tensor:
+    """Last hidden states ``(2B, L, H)`` for a pair batch, the vision pass shared by both halves.
+
+    Chosen rows ``[0, B)`` and rejected rows ``[B, 2B)`` hold the same image tokens in the same
+    order, so the row-major placeholder order is: every pair's features, then again.
+    """
+    embeds = embed_with_images(model, batch["input_ids"], batch.get("pixel_values"), 2, lockstep)
+    out = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False
+    )
     return out.last_hidden_state
 
 

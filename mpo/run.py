@@ -158,7 +158,7 @@ def build_datasets(cfg: ExperimentConfig, tokenizer, model_config) -> Datasets:
 
 def build_trainer(cfg: ExperimentConfig):
     """The ``MPOTrainer`` for ``cfg`` and the checkpoint it resumes from: ``(trainer, resume)``."""
-    from mpo.data.collate import PairCollator
+    from mpo.data.collate import PackedPairCollator, PairCollator
     from mpo.loss import MPOLoss
     from mpo.model.loading import check_model_path
     from mpo.observability import attach_observability
@@ -169,10 +169,15 @@ def build_trainer(cfg: ExperimentConfig):
     models = build_models(cfg, args.seed)
     data = build_datasets(cfg, models.tokenizer, models.policy.config)
     lengths = None
-    if cfg.data.group_by_length:
+    if cfg.data.packing:
+        from mpo.packing import packed_lengths
+
+        lengths = lambda: packed_lengths(data.train_pairs)  # noqa: E731
+    elif cfg.data.group_by_length:
         from mpo.sampler import pair_lengths
 
         lengths = lambda: pair_lengths(data.train_pairs)  # noqa: E731
+    pad = models.tokenizer.pad_token_id
     trainer = MPOTrainer(
         model=models.policy,
         args=args,
@@ -181,12 +186,13 @@ def build_trainer(cfg: ExperimentConfig):
         reference=cfg.model.reference,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=PairCollator(models.tokenizer.pad_token_id),
+        data_collator=PackedPairCollator(pad) if cfg.data.packing else PairCollator(pad),
         processing_class=models.tokenizer,
         logprob_chunk_size=cfg.model.logprob_chunk_size,
-        shared_prompt=cfg.model.shared_prompt,
+        shared_prompt=cfg.model.shared_prompt or cfg.data.packing,
         train_lengths=lengths,
         max_bad_fraction=cfg.data.max_bad_fraction,
+        max_tokens_per_batch=cfg.data.max_tokens_per_batch if cfg.data.packing else None,
     )
     attach_observability(trainer, cfg)
     return trainer, resume

@@ -68,12 +68,14 @@ def _record_tiles(pairs, spec, obj: dict) -> int:
     return total
 
 
-def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:
+def pair_lengths(pairs, text_batch: int = 1024, packed: bool = False) -> np.ndarray:
     """Estimated tokens per pair (the longer of its two sequences) for a ``PairDataset``, ``(N,)``.
 
     Text is tokenized with the dataset's tokenizer in batches, the template's fixed tokens added;
     images contribute ``tokens_per_tile x tiles`` (videos: ``video_max_frames`` tiles). Records
-    that cannot be read get length 0 and are left to the dataset to report.
+    that cannot be read get length 0 and are left to the dataset to report. ``packed``: the
+    tokens of the pair in the shared-prompt layout instead, the prompt once and both answers
+    (each sequence capped at ``max_length``).
     """
     tokenizer = pairs.encoder.template.tokenizer
     tokens_per_tile = pairs.encoder.vision.tokens_per_tile
@@ -105,9 +107,14 @@ def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:
             continue
         q = tokenizer(questions, add_special_tokens=False)["input_ids"]
         a = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        max_len = pairs.cfg.max_length
         for k, i in enumerate(idx):
-            longest = max(len(a[2 * k]), len(a[2 * k + 1]))
-            lengths[i] = min(pairs.cfg.max_length, lengths[i] + fixed + len(q[k]) + longest)
+            prompt = lengths[i] + fixed - 2 + len(q[k])  # with <|im_start|>assistant\n, shared by both
+            answer_lens = (len(a[2 * k]) + 2, len(a[2 * k + 1]) + 2)  # + <|im_end|>\n
+            if packed:
+                lengths[i] = sum(min(max_len, prompt + n) for n in answer_lens) - min(max_len, prompt)
+            else:
+                lengths[i] = min(max_len, prompt + max(answer_lens))
     return lengths
 
 

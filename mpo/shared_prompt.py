@@ -3,138 +3,79 @@
 The plain path (``mpo.logprobs.batch_logps``) already runs the vision tower once per pair, but the
 LLM still processes the prompt twice, once in the chosen row and once in the rejected row, and the
 prompt is most of the sequence (256 tokens per tile against a few hundred answer tokens). Here
-each pair becomes one packed row
+each pair is laid out as
 
     [shared prefix | chosen suffix | rejected suffix]
 
-with a block attention mask: the prefix is causal, the chosen suffix sees the prefix and itself
-(causally), the rejected suffix sees the prefix and itself but never the chosen tokens. Position
-ids restart after the prefix for the rejected suffix, so every token has exactly the position,
-the keys and the values it has in its own plain sequence, and the log-probs are the plain path's
-up to float rounding. (The same idea as "prefix sharing" / tree attention for preference pairs,
-e.g. Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing".)
+the prefix being the two sequences' longest common token prefix (the prompt and
+``<|im_start|>assistant\\n``). The chosen suffix sees the prefix and itself, the rejected suffix
+the prefix and itself, never the chosen tokens; position ids restart at the prefix length for the
+rejected suffix, so every token has exactly the position, keys and values it has in its own
+sequence, and the log-probs are the plain path's up to float rounding (the idea of "prefix
+sharing", Wang et al. 2024, arXiv:2410.20305).
 
-The shared prefix is the longest common token prefix of the two sequences, which holds the whole
-prompt and the ``<|im_start|>assistant\\n`` marker. The mask is a 4-D additive float mask
-``(B, 1, L, L)`` (0 = attend, dtype minimum = blocked), which transformers passes through
-unchanged to both the ``sdpa`` and ``eager`` attention of Qwen2; ``flash_attention_2`` takes no
-such mask, so this path needs one of those two.
+Two entry points, one forward:
+- a plain ``PairCollator`` batch (``model.shared_prompt``): each pair becomes a row of its own;
+- a packed batch (``data.packing``, ``mpo.data.collate.PackedPairCollator``): several pairs in a
+  row, block-diagonal.
+Attention runs through ``mpo.pair_attention`` (per-pair blocks with sdpa/eager, FlexAttention or
+flash-attn varlen, by the model's ``attn_implementation``). Each trained token is scored at the
+hidden state that predicts it (``packing.pack_pairs``'s ``scored`` table): the last prefix
+position predicts the first token of both answers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from mpo.logprobs import SequenceLogps, idle_vision_term, image_features_once, response_logps
+from mpo import pair_attention
+from mpo.logprobs import SequenceLogps, embed_with_images, scored_logps
+from mpo.packing import pack_pairs, unpack_plain_batch
+
+PACKED_KEYS = ("input_ids", "position_ids", "attention_mask", "pairs", "scored")
 
 
-@dataclass
-class PackedPairs:
-    """One packed row per pair and where each plain position lives in it.
-
-    input_ids, position_ids: ``(B, P)``; attention_mask: ``(B, 1, P, P)`` additive float.
-    gather_index: ``(2B, L)`` packed position of every position of the plain ``(2B, L)`` batch
-    (chosen rows first), 0 on padding.
-    """
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    gather_index: torch.Tensor
+def pack_plain_batch(batch: dict, pad_token_id: int) -> dict:
+    """A ``PairCollator`` batch in the packed layout, one pair per row (``pack_pairs``), on its device."""
+    device = batch["input_ids"].device
+    plain = {k: batch[k].cpu() for k in ("input_ids", "attention_mask", "labels")}
+    pairs = unpack_plain_batch(plain)
+    packed = pack_pairs(pairs, pad_token_id, rows=range(len(pairs)))
+    return {**batch, **{k: v.to(device) for k, v in packed.items()}}
 
 
-def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    n = min(len(a), len(b))
-    differ = (a[:n] != b[:n]).nonzero()
-    return int(differ[0]) if len(differ) else n
-
-
-def pack_pairs(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, dtype: torch.dtype
-) -> PackedPairs:
-    """Pack a ``PairCollator`` batch (``(2B, L)``, right padded) into ``B`` prefix-shared rows."""
-    if input_ids.shape[0] % 2:
-        raise ValueError(f"a pair batch has an even number of rows, got {input_ids.shape[0]}")
-    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-        raise ValueError("the shared-prompt forward expects right padding (PairCollator's layout)")
-    half, length = input_ids.shape[0] // 2, input_ids.shape[1]
-    lengths = attention_mask.sum(-1).tolist()
-    rows = []
-    for k in range(half):
-        lc, lr = lengths[k], lengths[half + k]
-        chosen, rejected = input_ids[k, :lc], input_ids[half + k, :lr]
-        p = _common_prefix(chosen, rejected)
-        rows.append((p, lc, lr, torch.cat([chosen, rejected[p:]])))
-    packed_len = max(len(r[3]) for r in rows)
-    device = input_ids.device
-    ids = torch.full((half, packed_len), pad_token_id, dtype=input_ids.dtype, device=device)
-    pos = torch.zeros((half, packed_len), dtype=torch.long, device=device)
-    allowed = torch.zeros((half, packed_len, packed_len), dtype=torch.bool, device=device)
-    gather = torch.zeros((2 * half, length), dtype=torch.long, device=device)
-    for k, (p, lc, lr, seq) in enumerate(rows):
-        n = len(seq)
-        ids[k, :n] = seq
-        pos[k, :lc] = torch.arange(lc)
-        pos[k, lc:n] = torch.arange(p, lr)
-        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        # The rejected suffix [lc, n) must not see the chosen suffix [p, lc).
-        causal[lc:n, p:lc] = False
-        allowed[k, :n, :n] = causal
-        # Padding positions attend to themselves only, so no softmax row is empty.
-        allowed[k, n:, :].fill_(False)
-        allowed[k, torch.arange(n, packed_len), torch.arange(n, packed_len)] = True
-        gather[k, :lc] = torch.arange(lc)
-        gather[half + k, :p] = torch.arange(p)
-        gather[half + k, p:lr] = torch.arange(lc, n)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
-    return PackedPairs(ids, pos, mask.unsqueeze(1), gather)
-
-
-def shared_prompt_hidden_states(model, batch: dict, lockstep: bool = False) -> torch.Tensor:
-    """Last hidden states ``(2B, L, H)`` laid out like the plain batch, computed from packed rows."""
-    core = model.model
-    attn = model.config.text_config._attn_implementation
-    if attn not in ("sdpa", "eager"):
-        raise ValueError(f"the shared-prompt forward needs attn_implementation sdpa or eager, not {attn}")
-    embed = core.get_input_embeddings()
-    packed = pack_pairs(
-        batch["input_ids"],
-        batch["attention_mask"],
-        model.config.text_config.pad_token_id or 0,
-        embed.weight.dtype,
-    )
-    embeds = embed(packed.input_ids)
-    pixel_values = batch.get("pixel_values")
-    if pixel_values is not None:
-        # Each pair's image tokens sit once, in its shared prefix, in pair order: one copy of the features.
-        feats = image_features_once(model, pixel_values).to(embeds.dtype).reshape(-1, embeds.shape[-1])
-        mask = packed.input_ids == model.config.image_token_id
-        if int(mask.sum()) != feats.shape[0]:
-            raise ValueError(
-                f"image tokens in the shared prefixes ({int(mask.sum())}) and image features ({feats.shape[0]}) disagree"
-            )
-        embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
-    elif lockstep:
-        embeds = embeds + idle_vision_term(model, embeds)
-    out = core.language_model(
+def packed_hidden_states(model, batch: dict, lockstep: bool = False) -> torch.Tensor:
+    """Last hidden states ``(R, P, H)`` of a packed batch (``PACKED_KEYS``, ``pixel_values``)."""
+    base = pair_attention.install(model)
+    input_ids = batch["input_ids"]
+    rows, width = input_ids.shape
+    kernel = pair_attention.make_kernel(base, batch["pairs"], rows, width, input_ids.device)
+    embeds = embed_with_images(model, input_ids, batch.get("pixel_values"), 1, lockstep)
+    # A 4-D mask is passed through by transformers' mask builders untouched; the kernel ignores it.
+    no_mask = torch.zeros((rows, 1, 0, 0), dtype=torch.bool, device=input_ids.device)
+    out = model.model.language_model(
         inputs_embeds=embeds,
-        attention_mask=packed.attention_mask,
-        position_ids=packed.position_ids,
+        attention_mask=no_mask,
+        position_ids=batch["position_ids"],
         use_cache=False,
+        mpo_pairs=kernel,
     )
-    hidden = out.last_hidden_state  # (B, P, H)
-    half = hidden.shape[0]
-    rows = torch.arange(2 * half, device=hidden.device) % half
-    return hidden[rows.unsqueeze(1), packed.gather_index]
+    return out.last_hidden_state
 
 
-def shared_prompt_batch_logps(
+def packed_batch_logps(
     model, batch: dict, chunk_size: int = 4096, lockstep: bool = False, calls: int | None = None
 ) -> SequenceLogps:
-    """Same result as ``mpo.logprobs.batch_logps``, the prompt computed once per pair."""
-    hidden = shared_prompt_hidden_states(model, batch, lockstep)
-    return response_logps(hidden, batch["labels"], model.get_output_embeddings(), chunk_size, calls)
+    """Summed response log-probs ``(2K,)`` (chosen answers first) of a packed or plain pair batch.
+
+    The same values as ``mpo.logprobs.batch_logps`` on the plain batch, the prompt computed once.
+    ``lockstep``, ``calls``: as in ``batch_logps``.
+    """
+    if "pairs" not in batch:
+        batch = pack_plain_batch(batch, model.config.get_text_config().pad_token_id or 0)
+    hidden = packed_hidden_states(model, batch, lockstep)
+    scored = batch["scored"]
+    return scored_logps(
+        hidden, scored[:, 0], scored[:, 1], scored[:, 2], scored[:, 3], 2 * batch["pairs"].shape[0],
+        model.get_output_embeddings(), chunk_size, calls,
+    )  # fmt: skip

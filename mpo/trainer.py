@@ -37,6 +37,9 @@ the pinned version by ``tests/test_trainer.py::test_workarounds_match_the_pinned
   cached reference log-probs must stay float64 (bf16 keeps 3 significant digits of a sum of −80).
 - ``floating_point_ops`` / ``_track_num_input_tokens``: they read ``inputs["input_ids"]``; our
   inputs are ``(batch, events)``.
+- ``_get_train_sampler`` returns a ``BatchRebalanceSampler`` subclass for packed batches
+  (``mpo.packing.PackedBatchSampler``): the Trainer passes that type as the DataLoader's
+  ``batch_sampler`` and leaves its per-rank split to it.
 - ``model_accepts_loss_kwargs = False`` and ``loss_is_scaled_for_ga = False``: the Trainer must not
   count label tokens itself (it would do so only on ranks whose batch has labels, a hang) and must
   divide our per-micro-batch loss by the accumulation steps.
@@ -62,9 +65,9 @@ from mpo import checkpoints
 from mpo.data.events import DataEvents, gather_events
 from mpo.data.mmpr import DataError
 from mpo.distributed import deepspeed_stage
-from mpo.logprobs import batch_logps, lockstep_lm_head_calls
+from mpo.logprobs import batch_logps, lockstep_lm_head_calls, trained_positions
 from mpo.loss import MPOLoss, PairLogps, PairTerms
-from mpo.shared_prompt import shared_prompt_batch_logps
+from mpo.shared_prompt import packed_batch_logps
 
 TESTED_TRANSFORMERS = "5.23."  # the workarounds above were read against this version
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -82,9 +85,14 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def chosen_trained_tokens(batch: dict) -> int:
-    """Trained tokens in the chosen rows (the first ``num_pairs``) of a collated pair batch."""
+    """Trained tokens of the chosen answers of a collated pair batch: in the first ``num_pairs``
+    rows of a padded batch, owned by sequences ``< num_pairs`` in a packed one (``mpo.packing``)."""
     n = batch.get("num_pairs") or 0
-    return int((batch["labels"][:n, 1:] != -100).sum()) if n else 0
+    if not n:
+        return 0
+    if "scored" in batch:
+        return int((batch["scored"][:, 3] < n).sum())
+    return int((batch["labels"][:n, 1:] != -100).sum())
 
 
 class MetricSums:
@@ -169,10 +177,13 @@ class MPOTrainer(Trainer):
             with its adapters switched off) or ``cache`` (batches carry reference log-probs).
         reference: ``copy``, ``lora_disabled`` or ``cache``.
         logprob_chunk_size: response positions per LM-head call.
-        shared_prompt: one LLM pass per pair over ``[prompt | chosen | rejected]``.
+        shared_prompt: one LLM pass per pair over ``[prompt | chosen | rejected]``; needed for
+            packed batches (``mpo.data.collate.PackedPairCollator``), which are laid out that way.
         train_lengths: estimated tokens per training pair, ``(N,)``, computed on first use; given,
             the train sampler groups pairs of similar length (``mpo.sampler``).
         max_bad_fraction: the share of bad training pairs that stops the run.
+        max_tokens_per_batch: with ``train_lengths`` (packed lengths), training micro-batches are
+            packed pairs under this token budget (``mpo.packing.PackedBatchSampler``).
     """
 
     def __init__(
@@ -185,6 +196,7 @@ class MPOTrainer(Trainer):
         shared_prompt: bool = False,
         train_lengths: Callable[[], np.ndarray] | None = None,
         max_bad_fraction: float = 1.0,
+        max_tokens_per_batch: int | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -192,7 +204,8 @@ class MPOTrainer(Trainer):
         self.reference = reference
         self.logprob_chunk_size = logprob_chunk_size
         # Same per-sequence log-probs either way: shared_prompt packs each pair's prompt once.
-        self._logps = shared_prompt_batch_logps if shared_prompt else batch_logps
+        self._logps = packed_batch_logps if shared_prompt else batch_logps
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.train_lengths = train_lengths
         self.max_bad_fraction = max_bad_fraction
         # Skips and truncations of the batches this rank consumed; the global seen/bad totals so far.
@@ -261,7 +274,9 @@ class MPOTrainer(Trainer):
     def _pair_logps(self, model, batch: dict) -> PairLogps:
         lockstep = _dist_ready()
         chunk = self.logprob_chunk_size
-        calls = lockstep_lm_head_calls(batch["labels"], chunk) if lockstep else None
+        calls = (
+            lockstep_lm_head_calls(trained_positions(batch), chunk, self.args.device) if lockstep else None
+        )
         with self.accelerator.autocast():  # bf16/fp16 without DeepSpeed: we call submodules directly
             policy = self._logps(self._policy(model), batch, chunk, lockstep, calls)
             ref_chosen, ref_rejected = self._reference_logps(model, batch, lockstep, calls)
@@ -327,6 +342,13 @@ class MPOTrainer(Trainer):
         from mpo.sampler import EpochTaggedSampler, LengthGroupedPairSampler
 
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.max_tokens_per_batch is not None:
+            from mpo.packing import PackedBatchSampler  # yields epoch-tagged batches itself
+
+            return PackedBatchSampler(
+                self.train_lengths(), self.max_tokens_per_batch, seed=self.args.seed,
+                num_replicas=self.args.world_size, rank=self.args.process_index,
+            )  # fmt: skip
         if self.train_lengths is None:
             inner = super()._get_train_sampler(train_dataset)
             if isinstance(inner, torch.utils.data.RandomSampler):

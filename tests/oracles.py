@@ -33,3 +33,53 @@ def naive_batch_logps(model, batch: dict) -> SequenceLogps:
         results.append(token_logps_brute_force(out.logits, batch["labels"][rows]))
     labels = batch["labels"]
     return SequenceLogps(logps=torch.cat(results), num_tokens=(labels[:, 1:] != IGNORE_INDEX).sum(-1))
+
+
+def pair_allowed_brute_force(spans, rows: int, width: int) -> torch.Tensor:
+    """``(R, P, P)`` bool: may packed token q attend to k? From the definition, not the layout
+    code: each token belongs to the chosen and/or the rejected sequence of its pair (prefix
+    tokens to both) at a position in it; q may attend to k when some sequence holds both and k
+    comes no later than q there. Padding tokens attend to earlier padding of their row."""
+    where: dict[tuple[int, int], dict[str, int]] = {}
+    for r, s, p, c, j in spans:
+        for t in range(p + c):
+            where[(r, s + t)] = {"chosen": t}
+        for t in range(p):
+            where[(r, s + t)]["rejected"] = t
+        for t in range(j):
+            where[(r, s + p + c + t)] = {"rejected": p + t}
+        for t in range(p + c + j):
+            where[(r, s + t)]["pair"] = s  # the pair's start identifies it within the row
+    allowed = torch.zeros(rows, width, width, dtype=torch.bool)
+    for r in range(rows):
+        for q in range(width):
+            for k in range(q + 1):
+                a, b = where.get((r, q)), where.get((r, k))
+                if a is None or b is None:
+                    allowed[r, q, k] = a is None and b is None
+                elif a["pair"] == b["pair"]:
+                    allowed[r, q, k] = any(
+                        seq in a and seq in b and b[seq] <= a[seq] for seq in ("chosen", "rejected")
+                    )
+    return allowed
+
+
+def varlen_attention_reference(
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=True
+):
+    """What ``flash_attn_varlen_func`` computes, in plain torch: q ``(Tq, H, D)``, k/v ``(Tk, Hkv, D)``;
+    segment i holds queries ``cu_q[i]:cu_q[i+1]`` over keys ``cu_k[i]:cu_k[i+1]``; causal masks
+    align to the bottom-right corner (query j of n sees keys ``0..m-n+j`` of m: flash-attn ≥ 2.1)."""
+    assert dropout_p == 0.0 and causal
+    heads = q.shape[1]
+    out = torch.empty_like(q)
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i] : cu_q[i + 1]].transpose(0, 1)
+        ks = k[cu_k[i] : cu_k[i + 1]].transpose(0, 1).repeat_interleave(heads // k.shape[1], 0)
+        vs = v[cu_k[i] : cu_k[i + 1]].transpose(0, 1).repeat_interleave(heads // v.shape[1], 0)
+        n, m = qs.shape[1], ks.shape[1]
+        mask = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
+        scores = (qs @ ks.transpose(-1, -2)) * softmax_scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[cu_q[i] : cu_q[i + 1]] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
+    return out

@@ -17,7 +17,7 @@ from PIL import Image
 
 from mpo.data.collate import PairCollator
 from mpo.data.template import IGNORE_INDEX
-from mpo.logprobs import batch_logps, lm_head_calls, response_logps
+from mpo.logprobs import batch_logps, lm_head_calls, response_logps, trained_positions
 
 ATOL = 1e-5
 
@@ -140,14 +140,14 @@ def test_extra_lm_head_calls_change_nothing_and_empty_batches_keep_a_gradient_pa
     head = torch.nn.Linear(4, 9, bias=False)
     labels = torch.full((2, 6), IGNORE_INDEX)
     labels[0, 2:] = torch.tensor([1, 2, 3, 4])
-    assert lm_head_calls(labels, 2) == 2
+    assert lm_head_calls(trained_positions({"labels": labels}), 2) == 2
     base = response_logps(h, labels, head, chunk_size=2)
     more = response_logps(h, labels, head, chunk_size=2, calls=5)
     assert torch.equal(base.logps, more.logps)
     with pytest.raises(ValueError, match="cannot cover"):
         response_logps(h, labels, head, chunk_size=2, calls=1)
     nothing = torch.full((2, 6), IGNORE_INDEX)
-    assert lm_head_calls(nothing, 2) == 1
+    assert lm_head_calls(trained_positions({"labels": nothing}), 2) == 1
     empty = response_logps(h, nothing, head, chunk_size=2)
     assert empty.logps.tolist() == [0.0, 0.0] and empty.logps.requires_grad
     (empty.logps.sum() * 0).backward()

@@ -201,13 +201,6 @@ def test_group_by_length_batches_have_less_padding(tiny_config, tmp_path):
     assert grouped_padded < plain_padded
 
 
-def test_shared_prompt_refuses_flash_attention(tiny_config):
-    from mpo.config import ConfigError
-
-    with pytest.raises(ConfigError, match="model.shared_prompt"):
-        tiny_config("model.shared_prompt=true", "model.attn_implementation=flash_attention_2")
-
-
 def _one_sgd_step(tiny_config, tmp_path, normalization: str, micro: int, accum: int):
     """(logged loss, weight update) of one SGD step (lr 1, no clipping) on 4 pairs whose chosen
     answers run from 1 to 20+ tokens, split into ``accum`` micro-batches of ``micro``."""

@@ -56,9 +56,13 @@ def load_tokenizer(path: str):
 
 
 def load_model(
-    path: str, torch_dtype: str = "float32", attn_implementation: str = "sdpa"
+    path: str, torch_dtype: str = "float32", attn_implementation: str = "auto"
 ) -> InternVLForConditionalGeneration:
-    """Load an InternVL checkpoint in native (-hf) format; original format is converted in memory."""
+    """Load an InternVL checkpoint in native (-hf) format; original format is converted in memory.
+    ``attn_implementation``: a transformers name, or ``auto`` (``mpo.pair_attention``'s choice)."""
+    from mpo.pair_attention import resolve_attn_implementation
+
+    attn_implementation = resolve_attn_implementation(attn_implementation)
     check_model_path(path)
     p = Path(path)
     if p.exists():
