@@ -398,3 +398,28 @@ def test_packed_run_resumes_exactly(tiny_config, tmp_path):
     for step in (3, 4):
         assert part[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5, abs=1e-6)
         assert part[step]["bco/delta"] == pytest.approx(full[step]["bco/delta"], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["flex", "flash_varlen"])
+def test_cuda_kernels_equal_dense_attention(qkv, kind):
+    """The CUDA kernels themselves, compiled FlexAttention and flash-attn's varlen, in bf16 with
+    gradients. bf16 outputs are softmax-weighted means of O(1) values: each rounds at u = 2⁻⁸ of
+    its size, and the kernels accumulate in float32, so 4u of the largest value bounds the error."""
+    if kind == "flash_varlen":
+        pytest.importorskip("flash_attn")
+    q, k, v = (x.to("cuda", torch.bfloat16).requires_grad_() for x in qkv)
+    if kind == "flex":
+        kernel = FlexBlocks(SPANS, ROWS, WIDTH, "cuda")
+    else:
+        kernel = FlashVarlen(SPANS, ROWS, WIDTH, "cuda")
+    got = kernel(q, k, v, 0.35, 0.0, True)
+    real = _real_tokens().cuda()
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    want = _reference_attention(*ref, pair_allowed_brute_force(SPANS, ROWS, WIDTH).cuda(), 0.35)
+    tol = 4 * 2.0**-8 * want[real].abs().max().item()
+    torch.testing.assert_close(got[real].float(), want[real], rtol=0, atol=tol)
+    (got[real].float().sum()).backward()
+    want[real].sum().backward()
+    for g, w in zip((q.grad, k.grad, v.grad), ref):
+        torch.testing.assert_close(g.float(), w.grad, rtol=0, atol=4 * 2.0**-8 * w.grad.abs().max().item())
