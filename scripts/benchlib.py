@@ -320,3 +320,43 @@ def step_timer(warmup: int, device: str):
                 self.t1, self.steps = time.perf_counter(), state.global_step - warmup
 
     return StepTimer()
+
+
+# ---- one measured run ------------------------------------------------------------------------
+def timed_pass(
+    trainer, pad_id: int, device: str, warmup_epoch: bool = False
+) -> tuple[float, int, list[dict]]:
+    """Train ``trainer`` through a warm-up and then exactly one timed pass over its data.
+
+    Warm-up: one step (CPU), or a whole epoch (``warmup_epoch``: GPUs, where the first shapes
+    compile). With one step the timed pass runs from the second batch to the next epoch's first,
+    which is the same batch: sequential data order, or our packed batches (largest first in every
+    epoch). Returns (seconds, timed steps, ``batch_stats`` of the timed batches).
+    """
+    recorder = RecordingCollator(trainer.data_collator, pad_id)
+    trainer.data_collator = recorder
+    per_epoch = len(trainer.get_train_dataloader())
+    warmup = per_epoch if warmup_epoch else 1
+    trainer.args.max_steps = warmup + per_epoch
+    timer = step_timer(warmup, device)
+    trainer.add_callback(timer)
+    trainer.train()
+    return timer.t1 - timer.t0, timer.steps, recorder.batches[warmup : warmup + per_epoch]
+
+
+def summarize(batches: list[dict], seconds: float, steps: int, config, reference_forward: bool) -> dict:
+    """Throughputs of a timed pass, its padding share, and its model FLOP/s: ``pair_flops`` of
+    every pair, 3x for the policy's forward and backward, +1x for a reference forward."""
+    passes = 3 + int(reference_forward)
+    flops = sum(
+        passes * sum(pair_flops(config, b["tiles"] / b["pairs"], seq, b["trained"] / b["pairs"]).values())
+        for b in batches
+        for seq in b["seqs"]
+    )
+    sums = {k: sum(b[k] for b in batches) for k in ("pairs", "tiles", "real", "computed")}
+    return {
+        "steps": steps, "seconds": seconds, "pairs_per_s": sums["pairs"] / seconds,
+        "tiles_per_s": sums["tiles"] / seconds, "tokens_per_s": sum(sum(s) for b in batches for s in b["seqs"]) / seconds,
+        "padding_share": 1 - sums["real"] / sums["computed"], "pairs_per_step": sums["pairs"] / steps,
+        "model_flops_per_s": flops / seconds,
+    }  # fmt: skip

@@ -110,7 +110,7 @@ def build_trl(a, row: dict, work: Path, out: Path):
 
 
 def measure(a, name: str, work: Path) -> dict:
-    """One measured run (in a forked child): warm-up step, then one timed pass over the data."""
+    """One measured run (in a forked child): a warm-up step, then one timed pass over the data."""
     import torch
 
     clear_peak_rss()
@@ -118,32 +118,16 @@ def measure(a, name: str, work: Path) -> dict:
     row = ROWS[name]
     out = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
     trainer, pad = (build_trl if row["trainer"] == "trl" else build_ours)(a, row, work, out)
-    recorder = benchlib.RecordingCollator(trainer.data_collator, pad)
-    trainer.data_collator = recorder
-    per_epoch = len(trainer.get_train_dataloader())
-    trainer.args.max_steps = 1 + per_epoch
-    timer = benchlib.step_timer(warmup=1, device="cpu")
-    trainer.add_callback(timer)
     peak_flops = benchlib.matmul_peak_flops("cpu")
-    trainer.train()
-    timed = recorder.batches[1 : 1 + per_epoch]
-    seconds = timer.t1 - timer.t0
+    seconds, steps, batches = benchlib.timed_pass(trainer, pad, "cpu")
     config = trainer.accelerator.unwrap_model(trainer.model).config
-    passes = 3 + (0 if "model.reference=cache" in row.get("overrides", []) else 1)
-    flops = sum(
-        passes
-        * sum(benchlib.pair_flops(config, b["tiles"] / b["pairs"], seq, b["trained"] / b["pairs"]).values())
-        for b in timed
-        for seq in b["seqs"]
+    result = benchlib.summarize(
+        batches, seconds, steps, config, "model.reference=cache" not in row.get("overrides", [])
     )
-    sums = {k: sum(b[k] for b in timed) for k in ("pairs", "tiles", "real", "computed")}
     return {
-        "steps": timer.steps, "seconds": seconds, "pairs_per_s": sums["pairs"] / seconds,
-        "tiles_per_s": sums["tiles"] / seconds,
-        "tokens_per_s": sum(sum(s) for b in timed for s in b["seqs"]) / seconds,
-        "padding_share": 1 - sums["real"] / sums["computed"], "pairs_per_step": sums["pairs"] / timer.steps,
-        "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline, "peak_share": flops / seconds / peak_flops,
-        "matmul_peak_gflops": peak_flops / 1e9, "load_avg_1m": os.getloadavg()[0], "threads": torch.get_num_threads(),
+        **result, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
+        "peak_share": result["model_flops_per_s"] / peak_flops, "matmul_peak_gflops": peak_flops / 1e9,
+        "load_avg_1m": os.getloadavg()[0], "threads": torch.get_num_threads(),
     }  # fmt: skip
 
 
