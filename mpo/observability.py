@@ -284,9 +284,13 @@ def startup_summary(trainer, cfg, sample_items: int = 32) -> str:
     accum = args.gradient_accumulation_steps
     per_dev = args.per_device_train_batch_size
     stage = zero_stage(trainer)
+    if cfg.data.packing:
+        batch = f"batch: packed rows of <= {cfg.data.max_tokens_per_batch} tokens x{accum}x{world} per step"
+    else:
+        batch = f"batch {per_dev}x{accum}x{world}={per_dev * accum * world} pairs/step"
     parts += [
         f"world {world}",
-        f"batch {per_dev}x{accum}x{world}={per_dev * accum * world} pairs/step",
+        batch,
         f"ZeRO {stage}" if stage is not None else "no DeepSpeed",
         f"reference {cfg.model.reference}",
     ]

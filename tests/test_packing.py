@@ -315,6 +315,8 @@ def test_trainer_reads_packed_batches_under_the_budget(tiny_config):
         plain, _ = collate([trainer.train_dataset[i] for i in idx])
         assert chosen_trained_tokens(batch) == chosen_trained_tokens(plain) > 0  # the SFT denominator
     assert sorted(i for b in indices for i in b) == list(range(64)) and len({len(b) for b in indices}) > 1
+    metrics = trainer.evaluate()  # held-out pairs go through the packing collator too
+    assert np.isfinite(metrics["eval_loss"]) and metrics["eval_rewards/accuracies"] >= 0
 
 
 def _one_sgd_step(tiny_config, tmp_path, name: str, *overrides: str):
@@ -423,3 +425,26 @@ def test_cuda_kernels_equal_dense_attention(qkv, kind):
     want[real].sum().backward()
     for g, w in zip((q.grad, k.grad, v.grad), ref):
         torch.testing.assert_close(g.float(), w.grad, rtol=0, atol=4 * 2.0**-8 * w.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_installed_pair_attention_leaves_other_forwards_alone(tiny_model_dir, tokenizer, attn):
+    """Once packed rows have run, the LLM's attention is our registered function; without a
+    kernel it runs the base implementation: padded generation gives the same tokens and logits."""
+    from mpo.model.loading import load_model
+    from mpo.pair_attention import PREFIX, install
+
+    model = load_model(str(tiny_model_dir), attn_implementation=attn).eval()
+    ids = torch.tensor([[0, 0, 10, 11, 12], [13, 14, 15, 16, 17]])  # left padded, as generation pads
+    mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return out, logits
+
+    before = run()
+    assert install(model) == attn and model.config.text_config._attn_implementation == PREFIX + attn
+    after = run()
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
