@@ -235,3 +235,28 @@ def test_plain_python_launch_with_deepspeed_is_one_process(common, single_proces
         env=env,
     )
     _assert_same_losses(out, single_process, [1, 2, 3])
+
+
+def test_packed_batches_on_two_zero3_ranks_match_one_process(common, demo_data, tmp_path):
+    """Packed batches under ZeRO-3 on 2 ranks: rank r takes packed batches r, r+2, ..., so a step
+    holds batches 2i and 2i+1, as one process with 2 accumulation steps does. Ranks hold different
+    numbers of pairs and trained tokens (lockstep LM-head calls), one batch may be all skipped. δ
+    takes a micro-batch's rewards from every rank before the loss, so the two runs' δ paths differ
+    within a step: the quality term is off here and the losses compare within tests/tolerances.py."""
+    from tolerances import loss_bound
+
+    meta = _uneven_data(demo_data, tmp_path)
+    args = [
+        *common, f"data.meta_path={meta}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.5",
+        "data.packing=true", "data.max_length=100", "data.max_tokens_per_batch=120", "loss.quality_weight=0",
+        "model.logprob_chunk_size=3", "training.max_steps=2", "training.save_strategy=no",
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train([*args, "training.gradient_accumulation_steps=2", f"training.output_dir={one}"])
+    _train([*args, _deepspeed("zero3"), f"training.output_dir={two}"], 2)
+    want, got = _train_rows(one), _train_rows(two)
+    assert sorted(got) == sorted(want) == [1, 2]
+    for step in (1, 2):
+        w = want[step]
+        assert got[step]["bco/num_rewards"] == w["bco/num_rewards"]
+        assert abs(got[step]["loss"] - w["loss"]) <= loss_bound(w, [w], 0.1, (0.8, 0.0, 1.0)), step
