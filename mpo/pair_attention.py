@@ -131,10 +131,11 @@ class DenseBlocks:
                 if self.eager:
                     parts.append(_eager(qs, ks, vs, mask, scaling, dropout, training))
                 else:
+                    # K/V repeated per query head: sdpa's enable_gqa with a mask has a CPU backward
+                    # 10-50x slower (torch 2.13), so do what transformers' sdpa path does.
+                    ks, vs = _repeat_kv(ks, q.shape[1]), _repeat_kv(vs, q.shape[1])
                     p = dropout if training else 0.0
-                    parts.append(
-                        F.scaled_dot_product_attention(qs, ks, vs, mask, p, scale=scaling, enable_gqa=True)
-                    )
+                    parts.append(F.scaled_dot_product_attention(qs, ks, vs, mask, p, scale=scaling))
                 end = s + n
             if end < self.width:  # the row's padded tail: never attended to, never scored
                 parts.append(q.new_zeros(1, q.shape[1], self.width - end, q.shape[3]))
