@@ -316,24 +316,27 @@ def step_timer(warmup: int, device: str):
 
 # ---- one measured run ------------------------------------------------------------------------
 def timed_pass(
-    trainer, pad_id: int, device: str, warmup_epoch: bool = False
+    trainer, pad_id: int, device: str, warmup_epoch: bool = False, min_steps: int = 10
 ) -> tuple[float, int, list[dict]]:
-    """Train ``trainer`` through a warm-up and then exactly one timed pass over its data.
+    """Train ``trainer`` through a warm-up and then whole timed passes over its data, as many as
+    make ``min_steps`` steps.
 
     Warm-up: one step (CPU), or a whole epoch (``warmup_epoch``: GPUs, where the first shapes
-    compile). With one step the timed pass runs from the second batch to the next epoch's first,
-    which is the same batch: sequential data order, or our packed batches (largest first in every
-    epoch). Returns (seconds, timed steps, ``batch_stats`` of the timed batches).
+    compile). With one step the timed passes run from the second batch to a later epoch's first,
+    which is the same batch: sequential data order, or our packed batches (the same groups every
+    epoch, the largest first). So every pair is timed equally often whatever the batching. Returns
+    (seconds, timed steps, ``batch_stats`` of the timed batches).
     """
     recorder = RecordingCollator(trainer.data_collator, pad_id)
     trainer.data_collator = recorder
     per_epoch = len(trainer.get_train_dataloader())
     warmup = per_epoch if warmup_epoch else 1
-    trainer.args.max_steps = warmup + per_epoch
+    timed = per_epoch * math.ceil(min_steps / per_epoch)
+    trainer.args.max_steps = warmup + timed
     timer = step_timer(warmup, device)
     trainer.add_callback(timer)
     trainer.train()
-    return timer.t1 - timer.t0, timer.steps, recorder.batches[warmup : warmup + per_epoch]
+    return timer.t1 - timer.t0, timer.steps, recorder.batches[warmup : warmup + timed]
 
 
 def summarize(batches: list[dict], seconds: float, steps: int, config, reference_forward: bool) -> dict:

@@ -11,7 +11,7 @@ from a config, so it pays what a real run pays (logging every step, metrics file
 
 Data: pairs over images of 1 to 7 tiles with answers of 5 to 800 tokens (log-uniform), the same for
 every row. Two model shapes (``benchlib.SHAPES``): CPU-sized look-alikes with the vision:LLM split
-of forward FLOPs of InternVL2.5-1B (1.3 : 1) and of InternVL2.5-8B (0.08 : 1).
+of forward FLOPs of InternVL2.5-1B (1.35 : 1) and of InternVL2.5-8B (0.08 : 1).
 
 Rows: ``trl`` (batch 1); ``trl_response_head`` (batch 1, TRL as it runs on CUDA: on CPU TRL 1.16
 sends every position through the LM head, image tokens included, but on Triton devices only the
@@ -21,13 +21,14 @@ packing, ``data.max_tokens_per_batch``), ``ours_packed_cache`` (packing + refere
 
 Method: each measured run is a child forked from this process (imports done once), with its
 peak-RSS mark reset at the start (``/proc/self/clear_refs``); rows alternate their order in each
-round. A run warms up for one step and then times exactly one pass over the data: the pass starts
-at the second batch and ends with the next epoch's first, which is the same batch (our packed
-batches put the largest first in every epoch; the others run in data order). Figures are medians
-over rounds with min-max; ratios against TRL are taken within a round. ``peak_share`` is the model
-FLOPs of the plain computation (vision tower once per pair, LLM over both full sequences, LM head on
-response tokens; 3x for training, +1x for a reference forward) per second over the best float32
-matmul rate measured in the same run. Prints one JSON line per row.
+round. A run warms up for one step, then times whole passes over the data, at least 10 steps:
+from the second batch to a later epoch's first, which is the same batch (our packed batches put
+the largest first in every epoch; the others run in data order), so every row times every pair
+equally often. Figures are medians over rounds with min-max; ratios against TRL are taken within
+a round. ``peak_share``: the model FLOPs of the plain computation (vision tower once per pair, LLM
+over both full sequences, LM head on response tokens; 3x for training, +1x for a reference
+forward) per second, over the best float32 matmul rate measured in the same run. Prints one JSON
+line per row.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def measure(a, name: str, work: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
     trainer, pad = (build_trl if row["trainer"] == "trl" else build_ours)(a, row, work, out)
     peak_flops = benchlib.matmul_peak_flops("cpu")
-    seconds, steps, batches = benchlib.timed_pass(trainer, pad, "cpu")
+    seconds, steps, batches = benchlib.timed_pass(trainer, pad, "cpu", min_steps=a.min_steps)
     config = trainer.accelerator.unwrap_model(trainer.model).config
     result = benchlib.summarize(
         batches, seconds, steps, config, "model.reference=cache" not in row.get("overrides", [])
@@ -245,7 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--splits", default="1b,8b", help="model shapes: 1b, 8b")
     p.add_argument("--rows", default="trl,trl_response_head,ours,ours_b3,ours_packed,ours_packed_cache")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=30, help="pairs in the data (one timed pass)")
+    p.add_argument("--pairs", type=int, default=16, help="pairs in the data (whole passes are timed)")
+    p.add_argument("--min-steps", type=int, default=10, help="timed steps per run, at least (whole passes)")
     p.add_argument("--max-tokens-per-batch", type=int, default=4096, help="the packed rows' token budget")
     p.add_argument("--work-dir", default=None)
     a = p.parse_args(argv)
