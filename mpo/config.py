@@ -50,6 +50,9 @@ class ModelConfig:
     freeze_projector: bool = opt(False, "freeze the MLP projector")
     freeze_llm: bool = opt(False, "freeze the language model and LM head")
     unfreeze_vision_last_n: int = opt(0, "with freeze_vision: train the last N ViT layers")
+    vision_drop_path_rate: float = opt(
+        0.0, "stochastic depth in the policy's ViT, rates linspace(0, r, layers) (official MPO runs: 0.1)"
+    )
     lora: dict[str, Any] | None = opt(None, "peft LoRA settings {target: llm|vision|both, r, alpha, dropout}")
     logprob_chunk_size: int = opt(4096, "response tokens per LM-head call (bounds the logits memory)")
     shared_prompt: bool = opt(
@@ -95,7 +98,7 @@ class LossConfig:
     generation_weight: float = opt(1.0, "w_g (SFT on the chosen answer)")
     label_smoothing: float = opt(0.0, "conservative DPO, for preference_type=sigmoid")
     sft_normalization: Literal["sequence", "token"] = opt(
-        "token",
+        "sequence",
         "sequence: mean over pairs of each chosen answer's per-token NLL (paper, official run); "
         "token: one token mean over the optimizer step",
     )
@@ -309,6 +312,13 @@ def load_config(
     return cfg
 
 
+def load_section(section: str, values: dict[str, Any], source: str):
+    """One typed section (``model``, ``data`` or ``loss``) from a dict, defaults for missing keys."""
+    cfg = ExperimentConfig()
+    _apply(cfg, {section: values}, source)
+    return getattr(cfg, section)
+
+
 # ---- cross-field rules -----------------------------------------------------------------------
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-field rules; raises one ConfigError listing every problem."""
@@ -338,6 +348,8 @@ def model_problems(m: ModelConfig) -> list[str]:
         problems.append("model.reference=cache needs model.ref_cache (written by `mpo precompute-ref`)")
     if m.logprob_chunk_size < 1:
         problems.append("model.logprob_chunk_size must be >= 1")
+    if not 0 <= m.vision_drop_path_rate < 1:
+        problems.append(f"model.vision_drop_path_rate must be in [0, 1), got {m.vision_drop_path_rate}")
     return problems
 
 

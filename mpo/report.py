@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpo.config import LossConfig
+
 LN2 = math.log(2.0)
 REPORT_DIR = "report"
 METRICS_FILE = "metrics.jsonl"
@@ -106,36 +108,25 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-@dataclass
-class LossSettings:
-    """The weights the run used (from its config.yaml; the paper's defaults otherwise)."""
-
-    preference_weight: float = 0.8
-    quality_weight: float = 0.2
-    generation_weight: float = 1.0
-    preference_type: str = "sigmoid"
-    beta: float = 0.1
-    from_config: bool = False
-
-    @property
-    def expected_initial_preference(self) -> float:
-        """``w_p·ln2 + w_q·2ln2``: the non-NLL part of the loss when π = πref and δ = 0."""
-        return self.preference_weight * LN2 + self.quality_weight * 2 * LN2
+def expected_initial_preference(s: LossConfig) -> float:
+    """``w_p·ln2 + w_q·2ln2``: the non-NLL part of the loss when π = πref and δ = 0 (sigmoid DPO)."""
+    return s.preference_weight * LN2 + s.quality_weight * 2 * LN2
 
 
-def read_loss_settings(run_dir: Path) -> LossSettings:
+def read_loss_settings(run_dir: Path) -> LossConfig:
+    """The ``loss`` section of the run's ``config.yaml`` (the paper's defaults without one, or
+    when it cannot be read: the report still draws its plots)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return LossSettings()
+        return LossConfig()
     import yaml
 
-    loss = (yaml.safe_load(path.read_text()) or {}).get("loss") or {}
-    s = LossSettings(from_config=True)
-    for k in ("preference_weight", "quality_weight", "generation_weight", "beta"):
-        if isinstance(loss.get(k), (int, float)):
-            setattr(s, k, float(loss[k]))
-    s.preference_type = str(loss.get("preference_type", "sigmoid"))
-    return s
+    from mpo.config import ConfigError, load_section
+
+    try:
+        return load_section("loss", (yaml.safe_load(path.read_text()) or {}).get("loss") or {}, str(path))
+    except (ConfigError, yaml.YAMLError, AttributeError):
+        return LossConfig()
 
 
 # ---- verdict ---------------------------------------------------------------------------------
@@ -159,7 +150,7 @@ def _tail(xs: list[float], frac: float = 0.25) -> list[float]:
     return xs[-max(1, int(round(len(xs) * frac))) :] if xs else []
 
 
-def check_nonfinite(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_nonfinite(m: RunMetrics, s: LossConfig) -> list[Finding]:
     steps, loss = m.series("loss")
     for st, v in zip(steps, loss):
         if not math.isfinite(v):
@@ -176,7 +167,7 @@ def check_nonfinite(m: RunMetrics, s: LossSettings) -> list[Finding]:
     return []
 
 
-def check_loss_zero(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_loss_zero(m: RunMetrics, s: LossConfig) -> list[Finding]:
     loss = m.finite("loss")
     if not loss or abs(loss[0]) > 1e-4:
         return []
@@ -188,7 +179,7 @@ def check_loss_zero(m: RunMetrics, s: LossSettings) -> list[Finding]:
             "loss_zero",
             "Loss is 0 from the start",
             f"The first logged loss is {loss[0]:.3g}. With π = πref the MPO loss is at least "
-            f"{s.expected_initial_preference:.3f} (+ NLL), so 0 means no term is contributing"
+            f"{expected_initial_preference(s):.3f} (+ NLL), so 0 means no term is contributing"
             + ("; logps/chosen is exactly 0, so no response token is trained." if no_tokens else "."),
             "Check that the loss weights are not all 0, that responses survive max_length truncation "
             "(labels not all -100), and that chosen != rejected.",
@@ -196,14 +187,14 @@ def check_loss_zero(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_initial_loss(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_initial_loss(m: RunMetrics, s: LossConfig) -> list[Finding]:
     if s.preference_type != "sigmoid" or not m.train:
         return []
     first = m.train[0]
     loss, sft = _as_float(first.get("loss")), _as_float(first.get("loss/sft"))
     if loss is None or sft is None or not (math.isfinite(loss) and math.isfinite(sft)) or abs(loss) < 1e-4:
         return []
-    expected = s.expected_initial_preference + s.generation_weight * sft
+    expected = expected_initial_preference(s) + s.generation_weight * sft
     step = int(first.get("step", 0))
     if abs(loss - expected) <= 0.1 + 0.02 * abs(expected):
         return [
@@ -211,7 +202,7 @@ def check_initial_loss(m: RunMetrics, s: LossSettings) -> list[Finding]:
                 "ok",
                 "initial_loss",
                 f"Initial loss {loss:.3f} is as expected",
-                f"{s.expected_initial_preference:.3f} (preference + quality at π = πref) + "
+                f"{expected_initial_preference(s):.3f} (preference + quality at π = πref) + "
                 f"{s.generation_weight:g}×NLL {sft:.3f} = {expected:.3f} (first log, step {step}). A start "
                 "of 1.5-2 on a real model is normal: it is mostly the SFT term.",
             )
@@ -227,14 +218,14 @@ def check_initial_loss(m: RunMetrics, s: LossSettings) -> list[Finding]:
             "warn",
             "initial_loss",
             f"Initial loss {loss:.3f} is far from the expected {expected:.3f}",
-            f"Expected {s.expected_initial_preference:.3f} + {s.generation_weight:g}×NLL {sft:.3f} at step 0; {why}.",
+            f"Expected {expected_initial_preference(s):.3f} + {s.generation_weight:g}×NLL {sft:.3f} at step 0; {why}.",
             "Make model.ref_path the same checkpoint as model.path (or rebuild the reference cache), keep "
             "dropout off in the reference, and use logging_steps=1 to see the true step-0 loss.",
         )
     ]
 
 
-def check_accuracy_stuck(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_accuracy_stuck(m: RunMetrics, s: LossConfig) -> list[Finding]:
     acc = m.finite("rewards/accuracies")
     eval_acc = m.finite("rewards/accuracies", "eval")
     if len(acc) < 4:
@@ -259,7 +250,7 @@ def check_accuracy_stuck(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_margins_exploding(m: RunMetrics, s: LossSettings, limit: float = 10.0) -> list[Finding]:
+def check_margins_exploding(m: RunMetrics, s: LossConfig, limit: float = 10.0) -> list[Finding]:
     margins = m.finite("rewards/margins")
     if len(margins) < 2:
         return []
@@ -279,7 +270,7 @@ def check_margins_exploding(m: RunMetrics, s: LossSettings, limit: float = 10.0)
     ]
 
 
-def check_collapse(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_collapse(m: RunMetrics, s: LossConfig) -> list[Finding]:
     chosen = m.finite("logps/chosen")
     sft = m.finite("loss/sft")
     rejected = m.finite("logps/rejected")
@@ -310,7 +301,7 @@ def check_collapse(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_overfit(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_overfit(m: RunMetrics, s: LossConfig) -> list[Finding]:
     acc = m.finite("rewards/accuracies")
     eval_acc = m.finite("rewards/accuracies", "eval")
     if len(acc) < 2 or not eval_acc:
@@ -329,7 +320,7 @@ def check_overfit(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_delta_reset(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_delta_reset(m: RunMetrics, s: LossConfig) -> list[Finding]:
     steps, delta = m.series("bco/delta")
     for i in range(1, len(delta)):
         if abs(delta[i - 1]) > 1e-3 and abs(delta[i]) < 1e-9:
@@ -346,7 +337,7 @@ def check_delta_reset(m: RunMetrics, s: LossSettings) -> list[Finding]:
     return []
 
 
-def check_no_eval(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_no_eval(m: RunMetrics, s: LossConfig) -> list[Finding]:
     if m.eval or not m.train:
         return []
     return [
@@ -360,7 +351,7 @@ def check_no_eval(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_steps_go_back(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_steps_go_back(m: RunMetrics, s: LossConfig) -> list[Finding]:
     steps = [r.get("step") for r in m.train]
     for i in range(1, len(steps)):
         if isinstance(steps[i], int) and isinstance(steps[i - 1], int) and steps[i] < steps[i - 1]:
@@ -392,9 +383,9 @@ CHECKS = (
 )
 
 
-def diagnose(m: RunMetrics, settings: LossSettings | None = None) -> list[Finding]:
+def diagnose(m: RunMetrics, settings: LossConfig | None = None) -> list[Finding]:
     """Every check's findings, problems first; a closing ``ok`` summary when nothing is wrong."""
-    s = settings or LossSettings()
+    s = settings or LossConfig()
     found = [f for check in CHECKS for f in check(m, s)]
     if m.train and not any(f.level in ("bad", "warn") for f in found):
         found.append(_healthy_summary(m))

@@ -106,12 +106,14 @@ class Models:
 
 def build_models(cfg: ExperimentConfig, seed: int) -> Models:
     """Tokenizer, policy (frozen parts and LoRA applied) and, for ``reference=copy``, the reference."""
+    from mpo.model.drop_path import apply_vision_drop_path
     from mpo.model.freeze import apply_freezing
     from mpo.model.loading import load_model, load_tokenizer
 
     m = cfg.model
     tokenizer = load_tokenizer(m.path)
     policy = load_model(m.path, m.torch_dtype, m.attn_implementation)
+    apply_vision_drop_path(policy, m.vision_drop_path_rate)  # the policy only: the reference has none
     apply_freezing(policy, m)
     if m.lora:
         from transformers import set_seed

@@ -205,13 +205,48 @@ def test_cli_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
-@pytest.mark.parametrize("kind", ["healthy", "collapse"])
-def test_expected_initial_loss_matches_synthetic_definition(tmp_path, kind):
-    """Sanity of the fixture itself: at step 0 (π = πref, δ = 0) the loss is 0.8·ln2 + 0.2·2ln2 + NLL."""
-    first = synthetic_run(kind)[0]
-    assert first["loss"] == pytest.approx(
-        0.8 * math.log(2) + 0.2 * 2 * math.log(2) + first["loss/sft"], abs=1e-12
+@pytest.mark.parametrize("weights", [(0.8, 0.2, 1.0), (1.0, 0.0, 0.5)])
+def test_initial_loss_check_agrees_with_the_loss_module(tmp_path, weights):
+    """The report's expected step-0 loss is the loss module's own value at π = πref, δ = 0: a
+    first row logged from ``mpo.loss.MPOLoss`` passes, the same row with the loss off by 0.5 is
+    flagged."""
+    import torch
+
+    from mpo.config import LossConfig
+    from mpo.loss import MPOLoss, PairLogps
+    from mpo.report import RunMetrics, check_initial_loss
+
+    w_p, w_q, w_g = weights
+    loss_fn = MPOLoss(LossConfig(preference_weight=w_p, quality_weight=w_q, generation_weight=w_g))
+    logps = torch.tensor([-40.0, -12.0, -90.0])
+    tokens = torch.tensor([20, 6, 30])
+    pairs = PairLogps(logps, logps - 3, logps, logps - 3, tokens, tokens)  # π = πref
+    terms = loss_fn(pairs)
+    loss = loss_fn.combine(terms, 3.0, float(tokens.sum())).item()
+    sft = terms.sft.mean().item()  # sequence normalisation: the mean of per-token NLLs
+    (tmp_path / "config.yaml").write_text(
+        f"loss:\n  preference_weight: {w_p}\n  quality_weight: {w_q}\n  generation_weight: {w_g}\n"
     )
+    settings = read_loss_settings(tmp_path)
+    row = {"step": 1, "loss": loss, "loss/sft": sft, "loss/dpo": terms.preference.mean().item()}
+    assert [f.level for f in check_initial_loss(RunMetrics(train=[row]), settings)] == ["ok"]
+    off = {**row, "loss": loss + 0.5}
+    assert [f.level for f in check_initial_loss(RunMetrics(train=[off]), settings)] == ["warn"]
+
+
+def test_report_command_imports_no_torch(tmp_path):
+    """`mpo report` reads JSON and draws plots: it must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path, "healthy")
+    code = (
+        "import sys\nfrom mpo.cli import main\nrc = main(['report', sys.argv[1]])\n"
+        "print('RC', rc, 'HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)
+    assert "RC 0 HEAVY []" in out.stdout, out.stdout[-500:]
+    assert (run / "report" / "report.html").is_file()
 
 
 def test_two_runs_in_one_metrics_file_are_flagged(tmp_path):
