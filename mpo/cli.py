@@ -61,6 +61,20 @@ def _finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def print_error(exc: BaseException) -> None:
+    """An expected failure as ``error:`` lines (one per problem); the traceback too with MPO_DEBUG=1."""
+    if os.environ.get("MPO_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+    lines = [ln.strip().removeprefix("- ") for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        head, lines = lines[0][:-1], lines[1:]
+        lines = [f"{head}: {ln}" for ln in lines]
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+
+
 def cmd_train(argv: list[str]) -> int:
     from mpo.cli_args import config_parser
 
@@ -73,21 +87,30 @@ def cmd_train(argv: list[str]) -> int:
         try:
             print(to_yaml(load_config(args.config, args.overrides)), end="")
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print_error(exc)
             return 2
         return 0
+    from mpo.preemption import StopRequest, TrainingStopped
+
+    stop = StopRequest().install()  # SIGTERM / Ctrl-C: finish the step, save, stop
+    from mpo.checkpoints import CheckpointError
     from mpo.data.mmpr import DataError
     from mpo.model.loading import ModelLoadError
     from mpo.refcache import RefCacheError
     from mpo.run import format_summary, main_process, run_training
 
     try:
-        summary = run_training(load_config(args.config, args.overrides))
+        summary = run_training(load_config(args.config, args.overrides), stop)
         _barrier()
-    except (ConfigError, DataError, ModelLoadError, RefCacheError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except TrainingStopped as exc:
+        if main_process():
+            print(str(exc), file=sys.stderr, flush=True)
+        return exc.exit_code
+    except (ConfigError, DataError, ModelLoadError, RefCacheError, CheckpointError) as exc:
+        print_error(exc)
         return 2
     finally:
+        stop.uninstall()
         _finish_distributed()
     if main_process():
         print(format_summary(summary))

@@ -80,7 +80,10 @@ class DataConfig:
     max_bad_fraction: float = opt(0.01, "with on_bad_sample=skip: fail when more than this share is bad")
     video_min_frames: int = opt(8, "fewest frames sampled from a video")
     video_max_frames: int = opt(32, "most frames sampled from a video")
-    seed: int = opt(42, "seed of the subsample when repeat_time < 1")
+    seed: int = opt(42, "seed of subsamples (repeat_time < 1) and of per-sample random views")
+    follow_symlinks_outside_root: bool = opt(
+        False, "allow media paths that are symlinks to files outside their dataset root"
+    )
     group_by_length: bool = opt(False, "batch pairs of similar estimated length (less padding)")
 
 
@@ -406,6 +409,26 @@ def training_problems(cfg: ExperimentConfig) -> list[str]:
             )
         if t.get("eval_on_start"):
             problems.append("training.eval_on_start=true needs held-out pairs: set data.eval_meta_path")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if key in t and isinstance(t[key], int) and t[key] < 1:
+            problems.append(f"training.{key} must be >= 1, got {t[key]}")
+    for key in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm"):
+        if isinstance(t.get(key), (int, float)) and t[key] < 0:
+            problems.append(f"training.{key} must be >= 0, got {t[key]}")
+    if t.get("max_steps") == 0 or (isinstance(t.get("max_steps"), int) and t["max_steps"] < -1):
+        problems.append(
+            f"training.max_steps={t['max_steps']} trains nothing: set a positive number of optimizer steps, "
+            "or -1 to train for training.num_train_epochs"
+        )
+    if (
+        isinstance(t.get("num_train_epochs"), (int, float))
+        and t["num_train_epochs"] <= 0
+        and t.get("max_steps", -1) <= 0
+    ):
+        problems.append(f"training.num_train_epochs must be > 0, got {t['num_train_epochs']}")
+    for key in ("save_steps", "logging_steps", "eval_steps"):
+        if isinstance(t.get(key), (int, float)) and t[key] <= 0:
+            problems.append(f"training.{key} must be > 0, got {t[key]}")
     if t.get("remove_unused_columns", False):
         problems.append("training.remove_unused_columns must stay false: MPO batches carry custom columns")
     return problems

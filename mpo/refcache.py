@@ -131,12 +131,12 @@ def data_settings(pair_dataset) -> dict[str, Any]:
     }
 
 
-def _media_digest(root: Path, value: Any, where: str, field: str) -> str:
+def _media_digest(root: Path, value: Any, where: str, field: str, follow_symlinks: bool) -> str:
     """sha256 of one image or video as the encoder reads it: a file under ``root``, or the bytes a
     HF ``datasets`` Image column holds (the same digest as the file they came from)."""
     from mpo.data.pairs import media_source
 
-    source = media_source(root, value, where, field)
+    source = media_source(root, value, where, field, follow_symlinks)
     if isinstance(source, bytes):
         return hashlib.sha256(source).hexdigest()
     if not source.is_file():
@@ -150,9 +150,8 @@ def pair_key(pair_dataset, index: int) -> bytes:
 
     spec, line_no, obj = pair_dataset.source.get(index)
     where = f"{spec.annotation}:{line_no}"
-    media = [
-        [field, _media_digest(spec.root, value, where, field)] for field, value in media_fields(obj, where)
-    ]
+    follow = pair_dataset.cfg.follow_symlinks_outside_root
+    media = [[f, _media_digest(spec.root, value, where, f, follow)] for f, value in media_fields(obj, where)]
     record = {
         "question": obj.get("question"),
         "chosen": obj.get("chosen"),

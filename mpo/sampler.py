@@ -58,7 +58,7 @@ def _record_tiles(pairs, spec, obj: dict) -> int:
     total = 0
     for field, value in fields:
         try:
-            source = media_source(spec.root, value, "", field)
+            source = media_source(spec.root, value, "", field, cfg.follow_symlinks_outside_root)
         except DataError:
             total += 1
             continue

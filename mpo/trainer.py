@@ -173,6 +173,8 @@ class MPOTrainer(Trainer):
         train_lengths: estimated tokens per training pair, ``(N,)``, computed on first use; given,
             the train sampler groups pairs of similar length (``mpo.sampler``).
         max_bad_fraction: the share of bad training pairs that stops the run.
+        run_lock: the ``mpo.checkpoints.RunDirLock`` this run holds on its output dir (rank 0);
+            released by ``release_run_dir`` (and at process exit).
     """
 
     def __init__(
@@ -185,9 +187,15 @@ class MPOTrainer(Trainer):
         shared_prompt: bool = False,
         train_lengths: Callable[[], np.ndarray] | None = None,
         max_bad_fraction: float = 1.0,
+        run_lock=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.run_lock = run_lock
+        if run_lock is not None:
+            import atexit
+
+            atexit.register(run_lock.release)
         self.loss_fn = loss_fn
         self.reference = reference
         self.logprob_chunk_size = logprob_chunk_size
@@ -383,14 +391,27 @@ class MPOTrainer(Trainer):
             )
 
     # ---- state: δ and data events in every checkpoint -----------------------------------------
+    def release_run_dir(self) -> None:
+        """Give up the output dir's lock (the run is over)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
     def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial=trial))
+        ckpt = run_dir / f"checkpoint-{self.state.global_step}"
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:
+            if checkpoints.is_disk_full(exc, ckpt):
+                raise checkpoints.CheckpointError(
+                    f"No space left on device while writing {ckpt} ({type(exc).__name__}: {exc}). This "
+                    "partial checkpoint is never resumed from; free space (or move training.output_dir) and "
+                    "resume with training.resume_from_checkpoint=latest"
+                ) from exc
+            raise
         finally:
             self.args.save_total_limit = limit
-        run_dir = Path(self._get_output_dir(trial=trial))
-        ckpt = run_dir / f"checkpoint-{self.state.global_step}"
         data_events = gather_events(self.data_events["train"])  # collective: every rank saves
         if ckpt.is_dir():
             checkpoints.fsync_tree(ckpt)  # each rank flushes what it wrote (ZeRO shards included)
@@ -404,9 +425,9 @@ class MPOTrainer(Trainer):
                 "data_events": data_events.to_dict(),
             }
             checkpoints.write_atomic(ckpt / checkpoints.MPO_STATE_NAME, json.dumps(state))
-            # Written last: a checkpoint without it is incomplete and never resumed from.
-            marker = {"step": self.state.global_step, "time": time.time()}
-            checkpoints.write_atomic(ckpt / checkpoints.COMPLETE_MARKER, json.dumps(marker))
+            # Written last, with every file's size and checksum: a checkpoint without it is
+            # incomplete and never resumed from; one whose files changed since is refused.
+            checkpoints.write_complete_marker(ckpt, self.state.global_step)
             checkpoints.rotate_complete_checkpoints(run_dir, limit)
         if _dist_ready():
             dist.barrier()

@@ -245,7 +245,10 @@ def test_unreachable_hub_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
     cfg = write_config(tmp_path, "nobody-here/no-such-model", GOOD)
     rc, _, err = run(capsys, ["data", "check", "--config", str(cfg)])
     assert rc == 2
-    assert err.startswith("error: model.path nobody-here/no-such-model: cannot load it")
+    assert err.startswith(
+        "error: model.path nobody-here/no-such-model: no such local folder, and not in the local"
+    )
+    assert "HF_HUB_OFFLINE is set" in err
     assert "Traceback" not in err
 
 

@@ -20,23 +20,6 @@ from typing import Any
 from mpo.data.mmpr import DataError
 
 
-def vision_spec_for(model_path: str):
-    """VisionSpec from the checkpoint's config.json (either format), without loading weights."""
-    from mpo.data.tiling import VisionSpec
-
-    p = Path(model_path) / "config.json"
-    if p.is_file():
-        return VisionSpec.from_config(json.loads(p.read_text()))
-    from transformers import AutoConfig
-
-    from mpo.model.loading import unreachable
-
-    try:
-        return VisionSpec.from_config(AutoConfig.from_pretrained(model_path))
-    except OSError as exc:
-        raise unreachable(model_path, exc) from exc
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Config, tokenizer and vision spec. Only ``model`` and ``data`` are validated: the data can
     be checked before the ``training`` section is settled."""
@@ -46,10 +29,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     problems = model_problems(cfg.model) + data_problems(cfg.data)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    from mpo.model.loading import check_model_path, load_tokenizer
+    from mpo.model.loading import check_model_path, load_tokenizer, load_vision_spec
 
     check_model_path(cfg.model.path)
-    return cfg, load_tokenizer(cfg.model.path), vision_spec_for(cfg.model.path)
+    return cfg, load_tokenizer(cfg.model.path), load_vision_spec(cfg.model.path)
 
 
 def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]:

@@ -92,6 +92,14 @@ def _spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
         raise DataError(f"{where}: entry must be an object")
     if "annotation" not in entry:
         raise DataError(f"{where}: missing field 'annotation'")
+    types = {"root": str, "annotation": str, "data_augment": bool, "length": int}
+    for key, kind in types.items():
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise DataError(
+                f"{where}: field '{key}' must be {'a string' if kind is str else kind.__name__}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
     base = meta_path.parent
     root = base / str(entry.get("root", ""))
     annotation = base / str(entry["annotation"])

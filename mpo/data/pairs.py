@@ -54,24 +54,21 @@ class SampleError(DataError):
 
 
 def _text_field(obj: dict, key: str, where: str) -> str:
-    if obj.get(key) is None:  # absent (JSONL) or null-filled (Arrow)
+    if key not in obj:
         raise SampleError(f"{where}: missing field '{key}'", f"missing_{key}")
     value = obj[key]
     if not isinstance(value, str):
-        raise SampleError(
-            f"{where}: field '{key}' must be a string, got {type(value).__name__}", f"bad_{key}"
-        )
+        kind = "null" if value is None else type(value).__name__
+        raise SampleError(f"{where}: field '{key}' must be a string, got {kind}", f"bad_{key}")
     if key != "question" and not value.strip():
         raise SampleError(f"{where}: field '{key}' is empty", f"empty_{key}")
     return value
 
 
-def resolve_media(root: Path, rel: Any, where: str, field: str) -> Path:
-    """Join ``rel`` to ``root``, refusing paths that leave the root (``..`` or absolute).
-
-    The check is on the normalised path, not the symlink-resolved one: a root whose ``images/``
-    is a symlink to another disk is a normal set-up, while ``../../etc/x`` in a line is not.
-    """
+def resolve_media(root: Path, rel: Any, where: str, field: str, follow_symlinks: bool = False) -> Path:
+    """Join ``rel`` to ``root``, refusing paths that leave the root: ``..``, absolute paths, and
+    (unless ``follow_symlinks``, ``data.follow_symlinks_outside_root``) symlinks inside the root
+    that point outside it. The root itself may be a symlink."""
     if not isinstance(rel, str) or not rel:
         raise SampleError(
             f"{where}: field '{field}' must be a non-empty path string", f"bad_{field.split('[')[0]}"
@@ -82,17 +79,27 @@ def resolve_media(root: Path, rel: Any, where: str, field: str) -> Path:
         raise SampleError(
             f"{where}: field '{field}': path '{rel}' escapes the dataset root {root}", "path_escapes_root"
         )
+    if not follow_symlinks and os.path.exists(path):
+        real_base, real = os.path.realpath(base), os.path.realpath(path)
+        if os.path.commonpath([real_base, real]) != real_base:
+            raise SampleError(
+                f"{where}: field '{field}': path '{rel}' is a symlink to {real}, outside the dataset root "
+                f"{root} (set data.follow_symlinks_outside_root=true to allow it)",
+                "path_escapes_root",
+            )
     return Path(path)
 
 
-def media_source(root: Path, value: Any, where: str, field: str) -> Path | bytes:
+def media_source(
+    root: Path, value: Any, where: str, field: str, follow_symlinks: bool = False
+) -> Path | bytes:
     """What one image/video value of a record points at: a file under ``root``, or the bytes a HF
     ``datasets`` Image column holds (``{"bytes": ..., "path": ...}``, bytes first)."""
     if isinstance(value, dict) and value.get("bytes"):
         return value["bytes"]
     if isinstance(value, dict) and value.get("path"):
         value = value["path"]
-    return resolve_media(root, value, where, field)
+    return resolve_media(root, value, where, field, follow_symlinks)
 
 
 def load_image(source: Path | bytes, where: str, field: str) -> Image.Image:
@@ -178,7 +185,10 @@ class PairEncoder:
         if kind == "video":
             from mpo.data.video import video_frames  # PyAV only when a video appears
 
-            frames = video_frames(resolve_media(spec.root, fields[0][1], where, "video"), self.cfg, where)
+            path = resolve_media(
+                spec.root, fields[0][1], where, "video", self.cfg.follow_symlinks_outside_root
+            )
+            frames = video_frames(path, self.cfg, where)
             if not self.pixels:
                 return kind, None, [1] * len(frames)
             # InternVL's video path: each frame is one Resize((S, S)) tile, no dynamic tiling.
@@ -187,7 +197,8 @@ class PairEncoder:
         min_num = min(self.cfg.min_dynamic_patch, per_image)
         tiles, counts = [], []
         for field, value in fields:
-            img = load_image(media_source(spec.root, value, where, field), where, field)
+            source = media_source(spec.root, value, where, field, self.cfg.follow_symlinks_outside_root)
+            img = load_image(source, where, field)
             if not self.pixels:
                 counts.append(count_tiles(*img.size, per_image, size, min_num, self.cfg.use_thumbnail))
                 continue

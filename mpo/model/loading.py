@@ -36,6 +36,9 @@ def check_model_path(path: str) -> None:
         raise ModelLoadError(
             f"model.path {path}: no such folder (and it is not a hub id of the form owner/name)"
         )
+    problem = hub_problem(path)
+    if problem:
+        raise ModelLoadError(problem)
 
 
 def unreachable(path: str, exc: OSError) -> ModelLoadError:
@@ -76,5 +79,43 @@ def load_model(
         return InternVLForConditionalGeneration.from_pretrained(
             path, dtype=DTYPES[torch_dtype], attn_implementation=attn_implementation
         )
+    except OSError as exc:
+        raise unreachable(path, exc) from exc
+
+
+def hub_problem(repo_id: str, timeout_s: float = 3.0) -> str | None:
+    """Why a hub id cannot be loaded, found in seconds: it is neither in the local Hugging Face
+    cache nor reachable (``HF_HUB_OFFLINE`` set, or huggingface.co not answering within
+    ``timeout_s``). None when it is cached or the hub answers (a typo then fails on the hub's
+    own 404, also fast). Without this, an offline machine retries for about a minute."""
+    import os
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return None
+    where = f"model.path {repo_id}: no such local folder, and not in the local Hugging Face cache"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"{where} (HF_HUB_OFFLINE is set). Check the spelling, or download it first, or point model.path at a folder"
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{where}, and huggingface.co cannot be reached ({exc}). Check the spelling, or point model.path at a local folder"
+    return None
+
+
+def load_vision_spec(path: str):
+    """``VisionSpec`` (tile size, tokens per tile) from a checkpoint's config.json, either format,
+    without loading weights."""
+    from mpo.data.tiling import VisionSpec
+
+    local = Path(path) / "config.json"
+    if local.is_file():
+        return VisionSpec.from_config(json.loads(local.read_text()))
+    from transformers import AutoConfig
+
+    try:
+        return VisionSpec.from_config(AutoConfig.from_pretrained(path))
     except OSError as exc:
         raise unreachable(path, exc) from exc
