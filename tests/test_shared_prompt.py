@@ -1,7 +1,7 @@
 """Shared-prompt forward (packed [prefix, chosen, rejected] rows, block mask) vs the plain path.
 
 Tolerance: float32; per-sequence log-probs and every parameter gradient equal the plain path's to
-atol 1e-5 (rtol 1e-5 / 1e-4). Masked keys get exactly zero attention weight, so in practice the
+atol 1e-5 (rtol 1e-5 / 1e-4), derived as in tests/test_logprobs.py. Masked keys get exactly zero attention weight, so in practice the
 log-probs agree bit for bit on CPU (max difference 0.0 seen with sdpa and eager); the tolerance
 leaves room for other kernels.
 """
