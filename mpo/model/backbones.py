@@ -175,31 +175,35 @@ def _internlm2_text_kwargs(lc: dict[str, Any], tie: bool) -> dict[str, Any]:
     return kwargs
 
 
-def original_llm_config(backbone: Backbone, tc: dict[str, Any], stash_lc: dict[str, Any]) -> dict[str, Any]:
+def original_llm_config(
+    backbone: Backbone, tc: dict[str, Any], base: dict[str, Any], from_stash: bool
+) -> dict[str, Any]:
     """The original ``llm_config`` for a native ``text_config`` dict.
 
-    Starts from the stashed original ``llm_config`` (empty when the model was never original) and
-    writes every field the native config determines, under the original code's names.
+    Args:
+        backbone: the LLM layout to write.
+        tc: the native text config as a dict.
+        base: the ``llm_config`` to start from (the stashed original one, or defaults).
+        from_stash: ``base`` is the original the native config was converted from: then only the
+            keys it has are rewritten (a converted model gives its config back unchanged); else
+            every field the native config determines is written, under the original code's names.
     """
-    olc = dict(stash_lc)
+    olc = dict(base)
+    keep = (lambda k: k in olc) if from_stash else (lambda k: True)  # noqa: E731
     if backbone.renamed:
-        olc.update(_internlm2_llm_fields(tc))
+        olc.update({k: v for k, v in _internlm2_llm_fields(tc).items() if keep(k)})
     else:
         names = COMMON_FIELDS + backbone.fields
         # Keys the original never had stay absent when native only holds a None default for them.
-        olc.update({k: tc[k] for k in names if k in tc and (k in olc or tc[k] is not None)})
+        olc.update({k: tc[k] for k in names if k in tc and keep(k) and (k in olc or tc[k] is not None)})
         if backbone is INTERNLM3:  # transformers' names for InternLM3's own qkv_bias / bias
             olc.pop("attention_bias", None), olc.pop("mlp_bias", None)
             olc["qkv_bias"], olc["bias"] = bool(tc.get("attention_bias")), bool(tc.get("mlp_bias"))
-        if (
-            tc.get("sliding_window") is None
-            and not tc.get("use_sliding_window")
-            and "sliding_window" in stash_lc
-        ):
+        if tc.get("sliding_window") is None and not tc.get("use_sliding_window") and "sliding_window" in base:
             # Qwen2Config nulls sliding_window when it is off; the original's inert value is kept.
-            olc["sliding_window"] = stash_lc["sliding_window"]
+            olc["sliding_window"] = base["sliding_window"]
     rope = tc.get("rope_parameters") or {}
-    if "rope_theta" in rope or "rope_theta" in tc:
+    if ("rope_theta" in rope or "rope_theta" in tc) and keep("rope_theta"):
         olc["rope_theta"] = rope.get("rope_theta", tc.get("rope_theta"))
     if rope.get("rope_type", "default") != "default" and "rope_scaling" not in olc:
         olc["rope_scaling"] = _original_rope_scaling(backbone, rope)
@@ -394,5 +398,4 @@ ORIGINAL_LORA_NAMES = {
     "w1": ("gate_proj",),
     "w3": ("up_proj",),
     "w2": ("down_proj",),
-    "output": ("lm_head",),
 }

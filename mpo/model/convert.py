@@ -395,7 +395,7 @@ def keeps_tied_head(cfg: dict[str, Any], backbone: Backbone) -> bool:
 
 
 def native_to_original_config(
-    native: InternVLConfig | dict[str, Any], llm_arch: str | None = None
+    native: InternVLConfig | dict[str, Any], llm_arch: str | None = None, template: str | None = None
 ) -> dict[str, Any]:
     """Original ``config.json`` dict for a native config.
 
@@ -407,6 +407,8 @@ def native_to_original_config(
         native: the native config (object or dict).
         llm_arch: the original LLM architecture to write (``InternLM2ForCausalLM`` for a Llama text
             model that was InternLM2); default: the stashed original's, else the native type's own.
+        template: the chat template name to record (``template``); default: the stashed one, else
+            ``internvl2_5``.
     """
     cfg = native.to_dict() if hasattr(native, "to_dict") else copy.deepcopy(native)
     vc, tc = cfg["vision_config"], cfg["text_config"]
@@ -432,25 +434,32 @@ def native_to_original_config(
             "layer_norm_eps": vc.get("layer_norm_eps", 1e-6),
             "patch_size": int(_first(vc["patch_size"])),
             "num_channels": vc.get("num_channels", 3),
+            # InternViT's layer-scale init value (ls1/ls2 start at it).
+            "initializer_factor": vc.get("layer_scale_init_value", ovc.get("initializer_factor", 0.1)),
         }
     )
     # The ViT's own image_size may differ from force_image_size (which wins); keep it when consistent.
     if not stash or int(out.get("force_image_size") or 0) != image_size:
         ovc["image_size"] = image_size
     base_lc = out.get("llm_config") or {}
+    from_stash = bool(stash) and base_lc.get("architectures") == [backbone.arch]
     if base_lc.get("architectures") not in (None, [backbone.arch]):
         # Another LLM than the stashed/default one: none of its fields apply, except the dtype.
         base_lc = {k: v for k, v in base_lc.items() if k == "torch_dtype"}
     try:
-        out["llm_config"] = original_llm_config(backbone, tc, base_lc)
+        out["llm_config"] = original_llm_config(backbone, tc, base_lc, from_stash)
     except BackboneError as exc:
         raise FormatError(str(exc)) from exc
     tie = keeps_tied_head(cfg, backbone)
-    # InternVL2/2.5/3 keep a separate lm_head and force tying off (their configuration_internvl_chat.py).
-    out["llm_config"]["tie_word_embeddings"] = tie
+    # InternVL2/2.5/3 keep a separate lm_head and force tying off (their configuration_internvl_chat.py);
+    # InternVL3.5 reads the top level, and its saved llm_config may not carry the key at all.
+    if not from_stash or "tie_word_embeddings" in out["llm_config"]:
+        out["llm_config"]["tie_word_embeddings"] = tie
     out["tie_word_embeddings"] = tie
     out["architectures"] = [ORIGINAL_ARCH]
     out["model_type"] = "internvl_chat"
+    if template is not None:
+        out["template"] = template
     out["force_image_size"] = image_size
     out["downsample_ratio"] = cfg.get("downsample_ratio", 0.5)
     out["select_layer"] = cfg.get("vision_feature_layer", -1)
@@ -646,15 +655,17 @@ def save_original(
     out_dir: str | Path,
     max_shard_bytes: int = SHARD_BYTES,
     llm_arch: str | None = None,
+    template: str | None = None,
 ) -> Path:
     """Write ``model`` in the original layout: ``config.json`` + safetensors (sharded with an index).
 
     Args:
-        llm_arch: the original LLM architecture to write (see :func:`native_to_original_config`).
+        llm_arch, template: the original LLM architecture and chat template name to record (see
+            :func:`native_to_original_config`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = native_to_original_config(model.config, llm_arch)
+    config = native_to_original_config(model.config, llm_arch, template)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if config["tie_word_embeddings"]:
         sd.pop("lm_head.weight", None)
@@ -666,6 +677,8 @@ def save_original(
     orig_sd = native_to_original_state_dict(sd, backbone, heads)
     dtypes = [v.dtype for v in orig_sd.values()]
     config["torch_dtype"] = str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
+    if "torch_dtype" in config["llm_config"]:
+        config["llm_config"]["torch_dtype"] = config["torch_dtype"]
     _write_safetensors(orig_sd, out, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
@@ -746,7 +759,10 @@ def convert_checkpoint(
     if to == "native":
         model.save_pretrained(str(dst))
     else:
-        save_original(model, dst, llm_arch=llm_arch)
+        from mpo.data.template import resolve_template
+
+        template = resolve_template("auto", open_tokenizer(src)).name
+        save_original(model, dst, llm_arch=llm_arch, template=template)
     copy_side_files(src, dst)
     logger.info("converted %s (%s) -> %s (%s)", src, fmt, dst, to)
     return dst
