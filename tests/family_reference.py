@@ -69,7 +69,9 @@ def image_embeds(sd: dict, config: dict, pixel_values: torch.Tensor) -> torch.Te
     x = x.view(n, side, int(side * s), int(c / s)).permute(0, 2, 1, 3)
     x = x.reshape(n, int(side * s), int(side * s), int(c / (s * s))).permute(0, 2, 1, 3)
     x = x.reshape(n, -1, x.shape[-1])
-    x = F.layer_norm(x, (x.shape[-1],), sd["mlp1.0.weight"], sd["mlp1.0.bias"], 1e-5)  # nn.LayerNorm default eps
+    x = F.layer_norm(
+        x, (x.shape[-1],), sd["mlp1.0.weight"], sd["mlp1.0.bias"], 1e-5
+    )  # nn.LayerNorm default eps
     x = linear(F.gelu(linear(x, sd, "mlp1.1")), sd, "mlp1.3")
     return x.reshape(-1, x.shape[-1])
 
@@ -101,14 +103,18 @@ def rope_cos_sin(lc: dict, head_dim: int, length: int) -> tuple[torch.Tensor, to
     return emb.cos() * scale, emb.sin() * scale
 
 
-def qkv_heads(sd: dict, lc: dict, pre: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_heads(
+    sd: dict, lc: dict, pre: str, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``(heads, T, D)``, k and v ``(kv_heads, T, D)`` of one decoder layer, per backbone."""
     arch = lc["architectures"][0]
     heads, kv = lc["num_attention_heads"], lc["num_key_value_heads"]
     d = lc.get("head_dim") or lc["hidden_size"] // heads
     if arch == "InternLM2ForCausalLM":
         # InternLM2Attention.forward: 'b q (h gs d) -> b q h gs d' with gs = groups + 2.
-        qkv = rearrange(linear(x, sd, pre + "attention.wqkv"), "q (h gs d) -> q h gs d", gs=2 + heads // kv, d=d)
+        qkv = rearrange(
+            linear(x, sd, pre + "attention.wqkv"), "q (h gs d) -> q h gs d", gs=2 + heads // kv, d=d
+        )
         q = rearrange(qkv[..., : heads // kv, :], "q h gs d -> q (h gs) d")
         k, v = qkv[..., -2, :], qkv[..., -1, :]
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
@@ -144,8 +150,17 @@ def reference_logits(
     lc = config["llm_config"]
     arch = lc["architectures"][0]
     names = {
-        "InternLM2ForCausalLM": ("model.tok_embeddings", "attention_norm", "ffn_norm", "attention.wo", "output"),
-    }.get(arch, ("model.embed_tokens", "input_layernorm", "post_attention_layernorm", "self_attn.o_proj", "lm_head"))
+        "InternLM2ForCausalLM": (
+            "model.tok_embeddings",
+            "attention_norm",
+            "ffn_norm",
+            "attention.wo",
+            "output",
+        ),
+    }.get(
+        arch,
+        ("model.embed_tokens", "input_layernorm", "post_attention_layernorm", "self_attn.o_proj", "lm_head"),
+    )
     embed, norm1, norm2, wo, head = names
     lm = {k[len("language_model.") :]: v for k, v in sd.items() if k.startswith("language_model.")}
     x = lm[f"{embed}.weight"][input_ids]

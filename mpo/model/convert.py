@@ -540,10 +540,15 @@ def open_tokenizer(path: str | Path):
         OSError: the path cannot be read (a hub id offline...).
         FormatError: the tokenizer cannot be built without remote code.
     """
-    from transformers import AutoTokenizer, TokenizersBackend
+    from transformers import AutoTokenizer, PreTrainedConfig, TokenizersBackend
 
+    kwargs = {}
+    if Path(path, "config.json").is_file() and read_config(path).get("model_type") == "internvl_chat":
+        # AutoConfig cannot read an original config without its remote code; the tokenizer class
+        # comes from tokenizer_config.json anyway, so give it an empty config instead.
+        kwargs["config"] = PreTrainedConfig()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
@@ -733,6 +738,52 @@ def copy_side_files(src: Path, dst: Path, skip: Callable[[Path], bool] | None = 
     return copied
 
 
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
+
+
+def _on_disk_name(name: str) -> str:
+    """A native in-memory parameter name as ``save_pretrained`` writes it (``model.`` prefix off,
+    ``language_model.model.*`` for the text model)."""
+    name = name.removeprefix("model.")
+    return (
+        "language_model.model." + name[len("language_model.") :]
+        if name.startswith("language_model.")
+        else name
+    )
+
+
+def load_native_as_stored(folder: Path, dtype: torch.dtype | None = None) -> InternVLForConditionalGeneration:
+    """A native folder's model; with ``dtype=None`` every tensor keeps its stored dtype.
+
+    ``from_pretrained(dtype="auto")`` gives every tensor the config's one dtype, which would round
+    a float32 projector stored beside bfloat16 weights (as InternVL3.5 checkpoints have it).
+    """
+    from safetensors import safe_open
+
+    if dtype is not None:
+        return InternVLForConditionalGeneration.from_pretrained(str(folder), dtype=dtype)
+    stored: dict[str, torch.dtype] = {}
+    for f in _weight_files(folder):
+        with safe_open(str(f), "pt") as handle:
+            stored.update(
+                {k: _SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype()) for k in handle.keys()}
+            )
+    if len(set(stored.values())) <= 1:
+        return InternVLForConditionalGeneration.from_pretrained(str(folder), dtype="auto")
+    # Widening to float32 is exact; each tensor then goes back to its own stored dtype.
+    model = InternVLForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32)
+    for name, param in model.named_parameters():
+        want = stored.get(_on_disk_name(name))
+        if want is not None and param.dtype != want:
+            param.data = param.data.to(want)
+    return model
+
+
 def convert_checkpoint(
     src: str | Path, dst: str | Path, to: str, dtype: torch.dtype | None = None, llm_arch: str | None = None
 ) -> Path:
@@ -754,7 +805,7 @@ def convert_checkpoint(
     if fmt == "original":
         model = load_original_as_native(src, dtype=dtype)
     else:
-        model = InternVLForConditionalGeneration.from_pretrained(str(src), dtype=dtype or "auto")
+        model = load_native_as_stored(src, dtype)
     dst.mkdir(parents=True, exist_ok=True)
     if to == "native":
         model.save_pretrained(str(dst))
