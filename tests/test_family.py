@@ -272,3 +272,72 @@ def test_remote_code_tokenizer_config_loads_without_running_it(original, tmp_pat
     assert tok.internvl_template == "internvl2_5"
     model = load_model(str(folder))
     assert model.config.image_token_id == ref.convert_tokens_to_ids("<IMG_CONTEXT>")
+
+
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+def test_lora_llm_target_resolves_for_every_backbone(original, backbone):
+    """``target: llm`` adapts every linear layer of every decoder layer as it is in memory (Phi-3's
+    fused qkv_proj/gate_up_proj included) and nothing of the ViT."""
+    from mpo.model.lora import apply_lora
+
+    model = load_model(str(original(backbone, "300m")))
+    decoder = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".language_model.layers." in n
+    }
+    peft = apply_lora(model, {"target": "llm", "r": 2})
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == decoder and len(decoder) == 2 * (7 if backbone != "phi3" else 4)
+
+
+def test_lora_accepts_internlm2_module_names(original):
+    from mpo.model.lora import apply_lora
+
+    model = load_model(str(original("internlm2", "300m")))
+    peft = apply_lora(model, {"target": "llm", "r": 2, "target_modules": ["wqkv", "wo"]})
+    leaves = {n.rsplit(".", 1)[-1] for n, m in peft.named_modules() if hasattr(m, "lora_A")}
+    assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", TINY_BACKBONES)
+def test_mpo_trains_and_exports_every_backbone(original, backbone, demo_data, tmp_path):
+    """10 MPO steps on CPU from an ORIGINAL checkpoint of each backbone, then ``final/`` back to
+    the original layout with ``mpo export --format original``."""
+    from mpo.config import load_config
+    from mpo.run import run_training
+
+    folder = original(backbone, "300m")
+    cfg = load_config(
+        None,
+        [
+            f"model.path={folder}",
+            f"data.meta_path={demo_data['train']}",
+            f"training.output_dir={tmp_path / 'run'}",
+            "data.max_dynamic_patch=2",
+            "training.max_steps=10",
+            "training.per_device_train_batch_size=2",
+            "training.learning_rate=1e-3",
+            "training.save_steps=100",
+            "training.use_cpu=true",
+            "training.report_to=none",
+            "training.disable_tqdm=true",
+        ],
+    )
+    summary = run_training(cfg)
+    assert summary["global_step"] == 10 and torch.isfinite(torch.tensor(summary["train_loss"]))
+    final = tmp_path / "run" / "final"
+    jinja = (final / "chat_template.jinja").read_text()
+    template = json.loads((folder / "config.json").read_text())["template"]
+    assert jinja.startswith("{#- internvl template: " + template)
+    assert mpo_main(["export", "--format", "original", str(final), str(tmp_path / "orig")]) == 0
+    out_cfg = json.loads((tmp_path / "orig" / "config.json").read_text())
+    src_cfg = json.loads((folder / "config.json").read_text())
+    assert out_cfg["llm_config"]["architectures"] == src_cfg["llm_config"]["architectures"]
+    assert (
+        out_cfg["template"] == template and out_cfg["tie_word_embeddings"] == src_cfg["tie_word_embeddings"]
+    )
+    before, after = C.read_safetensors_folder(folder), C.read_safetensors_folder(tmp_path / "orig")
+    assert sorted(before) == sorted(after)  # the original layout, wqkv and all
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # and it trained
