@@ -16,7 +16,9 @@ from mpo.model import convert as C
 from mpo.model.loading import ModelLoadError, check_model_path, load_model, load_tokenizer
 from mpo.model.tiny import TINY_BACKBONES, save_tiny_original
 
-CASES = [(b, "300m") for b in TINY_BACKBONES] + [("internlm2", "6b"), ("qwen3", "6b"), ("qwen2", "6b")]
+# Every backbone with InternViT-300M, and InternViT-6B with the backbones it is paired with
+# (InternVL2/2.5-26B InternLM2, InternVL2-40B/76B Llama, 2.5/3-38B/78B Qwen2, 3.5-38B Qwen3).
+CASES = [(b, "300m") for b in TINY_BACKBONES] + [(b, "6b") for b in ("internlm2", "llama", "qwen2", "qwen3")]
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,11 @@ this gives the tokens of the whole-conversation call), and a tokenizer that adds
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -141,9 +144,11 @@ def resolve_template(name: str, tokenizer) -> ChatTemplate:
     ``auto``: the checkpoint's ``template`` (recorded on the tokenizer as ``internvl_template`` by
     ``mpo.model.loading.load_tokenizer``), else what its chat template renders, else ``internvl2_5``.
     """
-    if name != "auto":
-        return template_by_name(name)
     recorded = getattr(tokenizer, "internvl_template", None)
+    if name != "auto":
+        if recorded and recorded != name:
+            logger.warning("data.template=%s overrides the checkpoint's template %s", name, recorded)
+        return template_by_name(name)
     if recorded:
         return template_by_name(
             recorded, "the checkpoint's template (config.json; override with data.template)"
