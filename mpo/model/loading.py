@@ -35,7 +35,7 @@ def check_model_path(path: str) -> None:
             from mpo.model.backbones import BackboneError, backbone_for_arch
 
             try:  # before anything is built: an unsupported LLM is one clear line
-                backbone_for_arch((config.get("llm_config") or {}).get("architectures"), f"{p}/config.json")
+                backbone_for_arch((config.get("llm_config") or {}).get("architectures"), "config.json")
             except BackboneError as exc:
                 raise ModelLoadError(f"model.path {path}: {exc}") from exc
         return
