@@ -343,3 +343,62 @@ def test_mpo_trains_and_exports_every_backbone(original, backbone, demo_data, tm
     before, after = C.read_safetensors_folder(folder), C.read_safetensors_folder(tmp_path / "orig")
     assert sorted(before) == sorted(after)  # the original layout, wqkv and all
     assert any(not torch.equal(before[k], after[k]) for k in before)  # and it trained
+
+
+# What a 4.x ``PretrainedConfig.to_dict`` writes into an original config's llm_config besides the
+# architecture (InternVL's own to_dict dumps it whole).
+LEGACY_KEYS = {
+    "add_cross_attention": False, "bad_words_ids": None, "chunk_size_feed_forward": 0, "do_sample": False,
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "is_decoder": False, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "max_length": 20, "num_beams": 1, "output_attentions": False, "pruned_heads": {}, "return_dict": True,
+    "temperature": 1.0, "tie_encoder_decoder": False, "top_k": 50, "torchscript": False, "use_bfloat16": True,
+    "attn_implementation": "flash_attention_2", "transformers_version": "4.37.2",
+}  # fmt: skip
+INTERNVL2_5_8B_LLM = {
+    # llm_config fields of OpenGVLab/InternVL2_5-8B-MPO (InternLM2.5-7B-chat).
+    "_name_or_path": "internlm/internlm2_5-7b-chat",
+    "architectures": ["InternLM2ForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_internlm2.InternLM2Config",
+        "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+        "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+    },
+    "bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "internlm2",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pad_token_id": 2,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 2.0, "type": "dynamic"},
+    "rope_theta": 1000000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 92553,
+    **LEGACY_KEYS,
+}
+
+
+def test_realistic_internlm2_config_maps_and_round_trips(tmp_path):
+    from test_convert import REALISTIC_ORIGINAL
+    from transformers import InternVLConfig
+
+    orig = json.loads(json.dumps(REALISTIC_ORIGINAL))
+    orig["llm_config"] = INTERNVL2_5_8B_LLM
+    native = C.original_to_native_config(orig, image_token_id=92546)
+    native.save_pretrained(tmp_path)
+    loaded = InternVLConfig.from_pretrained(tmp_path)
+    t = loaded.text_config
+    assert t.model_type == "llama" and (t.num_key_value_heads, t.head_dim, t.vocab_size) == (8, 128, 92553)
+    assert t.attention_bias is False and t.mlp_bias is False and t.rms_norm_eps == 1e-5
+    assert t.rope_parameters["rope_type"] == "dynamic" and t.rope_parameters["factor"] == 2.0
+    assert t.rope_parameters["rope_theta"] == 1000000 and t.tie_word_embeddings is False
+    assert C.native_to_original_config(loaded) == orig

@@ -69,8 +69,12 @@ COMMON_FIELDS = (
     "vocab_size", "max_position_embeddings", "rms_norm_eps", "hidden_act", "bos_token_id", "eos_token_id",
     "pad_token_id", "attention_dropout", "sliding_window", "use_sliding_window", "max_window_layers",
 )  # fmt: skip
-# Keys of an original llm_config that are bookkeeping, not architecture.
-_NOT_ARCHITECTURE = ("model_type", "transformers_version", "auto_map", "_name_or_path", "architectures")
+# Keys of an original llm_config that are bookkeeping or run-time choices, not architecture (the
+# attention kernel is model.attn_implementation's to choose).
+_NOT_ARCHITECTURE = (
+    "model_type", "transformers_version", "auto_map", "_name_or_path", "architectures", "attn_implementation",
+    "_attn_implementation_autoset",
+)  # fmt: skip
 
 
 def supported_list() -> str:

@@ -434,10 +434,10 @@ def native_to_original_config(
             "layer_norm_eps": vc.get("layer_norm_eps", 1e-6),
             "patch_size": int(_first(vc["patch_size"])),
             "num_channels": vc.get("num_channels", 3),
-            # InternViT's layer-scale init value (ls1/ls2 start at it).
-            "initializer_factor": vc.get("layer_scale_init_value", ovc.get("initializer_factor", 0.1)),
         }
     )
+    if not stash or "initializer_factor" in ovc:  # InternViT's layer-scale init value (ls1/ls2 start at it)
+        ovc["initializer_factor"] = vc.get("layer_scale_init_value", 0.1)
     # The ViT's own image_size may differ from force_image_size (which wins); keep it when consistent.
     if not stash or int(out.get("force_image_size") or 0) != image_size:
         ovc["image_size"] = image_size
