@@ -257,7 +257,7 @@ class PairEncoder:
         max_len = self.cfg.max_length
         if prompt_len + answer_len <= max_len:
             return answer_len
-        # At least one answer token must stay trained after "<|im_start|>assistant\n".
+        # At least one answer token must stay trained after the assistant prefix.
         min_keep = len(self.template.prefix_ids) + 1
         if self.cfg.truncation == "skip" or max_len - prompt_len < min_keep:
             reason = "too_long" if self.cfg.truncation == "skip" else "prompt_too_long"

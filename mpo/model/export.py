@@ -212,7 +212,6 @@ def export_template(cfg, tokenizer) -> ChatTemplate:
 def _write_generation_config(out: Path, tokenizer, end_of_turn: int) -> str:
     from transformers import GenerationConfig
 
-    im_end = end_of_turn
     gen = (
         GenerationConfig.from_pretrained(str(out))
         if (out / "generation_config.json").is_file()
@@ -226,7 +225,7 @@ def _write_generation_config(out: Path, tokenizer, end_of_turn: int) -> str:
         else []
     )
     # A chat answer ends with the template's end-of-turn token; keep any other stop ids the base model had.
-    gen.eos_token_id = [im_end] + [e for e in eos if e != im_end]
+    gen.eos_token_id = [end_of_turn] + [e for e in eos if e != end_of_turn]
     gen.pad_token_id = tokenizer.pad_token_id
     gen.do_sample = False
     gen.save_pretrained(str(out))
