@@ -154,7 +154,18 @@ def cmd_make_tiny(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mpo make-tiny", description="Build the tiny InternVL and tokenizer")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="write an ORIGINAL-format checkpoint with this LLM instead: qwen2, qwen3, llama, internlm3, phi3, internlm2",
+    )
+    p.add_argument("--vit", default="300m", help="with --backbone: InternViT 300m or 6b")
     a = p.parse_args(argv)
+    if a.backbone:
+        from mpo.model.tiny import save_tiny_original
+
+        print(save_tiny_original(a.out_dir, a.backbone, a.vit, seed=a.seed))
+        return 0
     from mpo.model.tiny import save_tiny_internvl
 
     print(save_tiny_internvl(a.out_dir, seed=a.seed))

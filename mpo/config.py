@@ -66,7 +66,10 @@ class DataConfig:
 
     meta_path: str = opt("", "MMPR meta JSON, a .jsonl file, or a HF datasets folder/.parquet/.arrow")
     eval_meta_path: str | None = opt(None, "held-out pairs, same formats")
-    system_message: str | None = opt(None, "system prompt; default: InternVL's")
+    system_message: str | None = opt(None, "system prompt; default: the chat template's")
+    template: Literal["auto", "internvl2_5", "internlm2-chat", "Hermes-2", "phi3-chat"] = opt(
+        "auto", "chat template; auto: the checkpoint's (`template` in an original config.json)"
+    )
     max_length: int = opt(8192, "tokens per sequence (prompt + response); image spans are never cut")
     truncation: Literal["truncate_response", "skip"] = opt(
         "truncate_response", "what to do with a sequence over max_length"

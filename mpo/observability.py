@@ -320,6 +320,7 @@ class SampleGenerationCallback(TrainerCallback):
         self.num_prompts = int(extras.sample_num_prompts)
         self.max_new_tokens = int(extras.sample_max_new_tokens)
         self.prompts: list[dict[str, Any]] | None = None
+        self.end_of_turn: int | None = None  # set with the prompts
         self.last_step: int | None = None
 
     def _collect_prompts(self) -> list[dict[str, Any]]:
@@ -327,6 +328,9 @@ class SampleGenerationCallback(TrainerCallback):
             self.trainer.eval_dataset if self.trainer.eval_dataset is not None else self.trainer.train_dataset
         )
         split = "eval" if self.trainer.eval_dataset is not None else "train"
+        # Answers end with the template's end-of-turn token (``<|im_end|>``, Phi-3's ``<|end|>``),
+        # which is not every tokenizer's EOS (InternLM2's is ``</s>``).
+        self.end_of_turn = getattr(ds, "pairs", ds).encoder.template.eos_id
         prompts = []
         for i in range(len(ds)):
             if len(prompts) >= self.num_prompts:
@@ -375,7 +379,7 @@ class SampleGenerationCallback(TrainerCallback):
                     **kwargs,
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
-                    eos_token_id=tok.eos_token_id,
+                    eos_token_id=self.end_of_turn,
                     pad_token_id=tok.pad_token_id,
                     synced_gpus=synced,
                 )

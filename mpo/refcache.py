@@ -117,6 +117,7 @@ def data_settings(pair_dataset) -> dict[str, Any]:
     tok_text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     vision = pair_dataset.encoder.vision
     return {
+        "template": pair_dataset.encoder.template.spec.name,
         "system_message": cfg.system_message,
         "max_length": cfg.max_length,
         "truncation": cfg.truncation,

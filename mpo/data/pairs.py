@@ -26,9 +26,6 @@ from mpo.data.events import DataEvents
 from mpo.data.mmpr import DataError, DatasetSpec, MixedSource, read_meta
 from mpo.data.template import (
     IGNORE_INDEX,
-    IMG_CONTEXT,
-    IMG_END,
-    IMG_START,
     TemplateEncoder,
     TemplateError,
     expand_image_placeholders,
@@ -154,15 +151,11 @@ def tile_budget(spec: DatasetSpec, data_cfg) -> int:
     return spec.max_dynamic_patch or data_cfg.max_dynamic_patch
 
 
-# Structural tokens the template and the image expansion insert; never taken from the data.
-RESERVED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
-
-
 class PairEncoder:
     """Turns a parsed MMPR record into model inputs for the chosen and rejected answers."""
 
     def __init__(self, tokenizer, vision: VisionSpec, data_cfg, pixels: bool = True):
-        self.template = TemplateEncoder(tokenizer, data_cfg.system_message)
+        self.template = TemplateEncoder(tokenizer, data_cfg.system_message, data_cfg.template)
         self.vision = vision
         self.cfg = data_cfg
         # pixels=False (``mpo data check``): images are fully decoded (so corrupt files are still
@@ -227,7 +220,8 @@ class PairEncoder:
                 f"{where}: fields 'chosen' and 'rejected' are identical", "chosen_equals_rejected"
             )
         for field, text in (("question", question), ("chosen", chosen), ("rejected", rejected)):
-            found = next((t for t in RESERVED_TOKENS if t in text), None)
+            # Structural tokens the template and the image expansion insert; never taken from the data.
+            found = next((t for t in self.template.reserved_tokens if t in text), None)
             if found:
                 # The tokenizer would read it as the special token: image features land in the
                 # wrong place, or a turn ends early.
@@ -274,7 +268,7 @@ class PairEncoder:
         max_len = self.cfg.max_length
         if prompt_len + answer_len <= max_len:
             return answer_len
-        # At least one answer token must stay trained after "<|im_start|>assistant\n".
+        # At least one answer token must stay trained after the assistant prefix.
         min_keep = len(self.template.prefix_ids) + 1
         if self.cfg.truncation == "skip" or max_len - prompt_len < min_keep:
             reason = "too_long" if self.cfg.truncation == "skip" else "prompt_too_long"

@@ -1,6 +1,6 @@
 """``mpo convert``, ``mpo export`` and ``mpo generate`` (loaded by ``mpo.cli``).
 
-mpo convert --to native|original IN OUT
+mpo convert --to native|original IN OUT [--llm-arch ARCH]
 mpo export [--merge-lora] CKPT OUT [--format native|original] [--base BASE]
 mpo generate --model DIR [--image X] --question Q [--max-new-tokens N]
 """
@@ -22,11 +22,17 @@ def cmd_convert(argv: list[str]) -> int:
     p.add_argument("--to", required=True, choices=["native", "original"])
     p.add_argument("src", help="checkpoint folder (either format)")
     p.add_argument("dst", help="output folder")
+    p.add_argument(
+        "--llm-arch",
+        default=None,
+        help="with --to original: the LLM layout to write, e.g. InternLM2ForCausalLM for an InternVL2.5-2B/8B/26B "
+        "-hf model (default: the one the native model was converted from, else its text model's own)",
+    )
     a = p.parse_args(argv)
     from mpo.model.convert import FormatError, convert_checkpoint
 
     try:
-        print(convert_checkpoint(a.src, a.dst, a.to))
+        print(convert_checkpoint(a.src, a.dst, a.to, llm_arch=a.llm_arch))
     except (FormatError, ValueError, FileExistsError) as exc:
         return _fail(exc)
     return 0

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, InternVLForConditionalGeneration
+from transformers import InternVLForConditionalGeneration
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,13 +24,20 @@ def check_model_path(path: str) -> None:
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model.path {path}: folder has no config.json, so it is not a checkpoint")
-        model_type = json.loads((p / "config.json").read_text()).get("model_type")
-        architectures = json.loads((p / "config.json").read_text()).get("architectures") or []
+        config = json.loads((p / "config.json").read_text())
+        model_type, architectures = config.get("model_type"), config.get("architectures") or []
         if model_type != "internvl" and "InternVLChatModel" not in architectures:
             raise ModelLoadError(
                 f"model.path {path}: config.json has model_type={model_type!r}, architectures={architectures}; "
                 "expected an InternVL checkpoint (native 'internvl' or original 'InternVLChatModel')"
             )
+        if "InternVLChatModel" in architectures:
+            from mpo.model.backbones import BackboneError, backbone_for_arch
+
+            try:  # before anything is built: an unsupported LLM is one clear line
+                backbone_for_arch((config.get("llm_config") or {}).get("architectures"), "config.json")
+            except BackboneError as exc:
+                raise ModelLoadError(f"model.path {path}: {exc}") from exc
         return
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelLoadError(
@@ -51,9 +58,15 @@ def unreachable(path: str, exc: OSError) -> ModelLoadError:
 
 
 def load_tokenizer(path: str):
-    """The checkpoint's tokenizer; never runs remote code (original-format folders name some)."""
+    """The checkpoint's tokenizer; never runs remote code (original-format folders name some).
+
+    ``tokenizer.internvl_template`` records the checkpoint's chat template name, which
+    ``data.template=auto`` uses (``mpo.data.template.resolve_template``).
+    """
+    from mpo.model.convert import open_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return open_tokenizer(path)
     except OSError as exc:
         raise unreachable(path, exc) from exc
 
