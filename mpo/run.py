@@ -334,6 +334,10 @@ def _train_and_write(trainer, cfg: ExperimentConfig, resume: str | None, stop) -
         raise TrainingStopped(
             f"{stop.name} before training started: nothing was trained or saved", stop.signum
         )
+    # Read now: the checkpoint may be rotated away by the time training ends.
+    start_step = (
+        int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]) if resume else 0
+    )
     result = trainer.train(resume_from_checkpoint=resume)
     train_events = trainer.total_data_events("train")  # every rank, every worker, across resumes
     if main:
@@ -346,7 +350,7 @@ def _train_and_write(trainer, cfg: ExperimentConfig, resume: str | None, stop) -
     summary: dict[str, Any] = {
         "global_step": trainer.state.global_step,
         "train_loss": whole_run_loss(
-            trainer.state.log_history, result.training_loss, resume, trainer.state.global_step
+            trainer.state.log_history, result.training_loss, start_step, trainer.state.global_step
         ),
         "bco_delta": trainer.loss_fn.delta,
         "final_model": str(final_dir),
@@ -398,18 +402,15 @@ def _stopped(trainer, stop) -> None:
     )
 
 
-def whole_run_loss(
-    log_history: list[dict], session_loss: float, resume: str | None, global_step: int
-) -> float:
+def whole_run_loss(log_history: list[dict], session_loss: float, start: int, global_step: int) -> float:
     """The mean training loss over every step of the run, resumes included.
 
-    The Trainer's ``training_loss`` averages the steps of this session only; the steps before
-    the resume point come from the restored log history (each logged ``loss`` is the mean of the
-    steps since the previous log).
+    The Trainer's ``training_loss`` averages the steps of this session (from step ``start``)
+    only; the steps before come from the restored log history (each logged ``loss`` is the mean
+    of the steps since the previous log).
     """
-    if resume is None:
+    if start == 0:
         return session_loss
-    start = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
     total, steps, previous = 0.0, 0, 0
     for h in log_history:
         step = h.get("step", 0)

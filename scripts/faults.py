@@ -92,6 +92,14 @@ def signal_case(cmd, env, out: Path, sig: int, at_step: int, baseline) -> dict:
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None and max(steps(out), default=0) < at_step:
         time.sleep(0.05)
+    if proc.poll() is not None:
+        _, err = proc.communicate()
+        last = err.strip().splitlines()[-1][:120] if err.strip() else "-"
+        return {
+            "outcome": f"ended before the signal: exit {proc.returncode}",
+            "checkpoint": "-",
+            "equal": last,
+        }
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=900)
     said = next((ln for ln in reversed(err.splitlines()) if "stopped after step" in ln), "")
