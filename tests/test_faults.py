@@ -317,19 +317,16 @@ def test_latest_without_a_checkpoint_says_it_starts_fresh(tiny_config, capsys):
 
 
 def test_summary_loss_after_a_resume_covers_the_whole_run(tiny_config, tmp_path):
-    whole = run_training(tiny_config("training.max_steps=4", f"training.output_dir={tmp_path / 'a'}"))
-    part, _ = build_trainer(tiny_config("training.max_steps=4", f"training.output_dir={tmp_path / 'b'}"))
+    """Also when the checkpoint resumed from is rotated away before the run ends (limit 1)."""
+    whole = run_training(tiny_config("training.max_steps=6", f"training.output_dir={tmp_path / 'a'}"))
+    common = ["training.max_steps=6", "training.save_total_limit=1", f"training.output_dir={tmp_path / 'b'}"]
+    part, _ = build_trainer(tiny_config(*common))
     part.add_callback(StopAfter(2))
     part.train()
-    resumed = run_training(
-        tiny_config(
-            "training.max_steps=4",
-            f"training.output_dir={tmp_path / 'b'}",
-            "training.resume_from_checkpoint=latest",
-        )
-    )
+    resumed = run_training(tiny_config(*common, "training.resume_from_checkpoint=latest"))
+    assert not (tmp_path / "b" / "checkpoint-2").exists()  # rotated away during the resumed run
     logs = _train_logs(tmp_path / "a")
-    assert whole["train_loss"] == pytest.approx(sum(logs[s]["loss"] for s in (1, 2, 3, 4)) / 4, rel=1e-6)
+    assert whole["train_loss"] == pytest.approx(sum(logs[s]["loss"] for s in range(1, 7)) / 6, rel=1e-6)
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
 
 
