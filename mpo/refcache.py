@@ -133,6 +133,7 @@ def data_settings(pair_dataset) -> dict[str, Any]:
         "max_dynamic_patch": cfg.max_dynamic_patch,
         "min_dynamic_patch": cfg.min_dynamic_patch,
         "use_thumbnail": cfg.use_thumbnail,
+        # Not video_sampling: the cache always holds the deterministic frames (module docstring).
         "video_min_frames": cfg.video_min_frames,
         "video_max_frames": cfg.video_max_frames,
         "image_size": vision.image_size,

@@ -180,7 +180,8 @@ def index_video(source: Path | bytes, where: str) -> VideoIndex:
             # Read while the container is open: PyAV's stream objects do not outlive it.
             rate = stream.average_rate or stream.guessed_rate
             time_base = Fraction(stream.time_base) if stream.time_base else None
-            pts, key, dur, delay = [], [], {}, 0
+            pts, key, delay = [], [], 0
+            last, last_duration = None, 0  # the latest frame and how long it is shown
             for packet in container.demux(stream):
                 if packet.size == 0 or packet.is_discard:  # end-of-stream flush / edit-list discard
                     continue
@@ -191,7 +192,8 @@ def index_video(source: Path | bytes, where: str) -> VideoIndex:
                     delay = max(delay, t - packet.dts)
                 pts.append(t)
                 key.append(bool(packet.is_keyframe))
-                dur[t] = packet.duration or 0
+                if last is None or t >= last:
+                    last, last_duration = t, packet.duration or 0
     except av.error.FFmpegError as exc:
         raise VideoError(
             f"{where}: field 'video': cannot decode video {_shown(source)}: {exc}", "corrupt_video"
@@ -202,9 +204,8 @@ def index_video(source: Path | bytes, where: str) -> VideoIndex:
     unique = np.unique(order)  # sorted display order; a duplicated timestamp once
     keyframe = np.zeros(len(unique), dtype=bool)
     np.logical_or.at(keyframe, np.searchsorted(unique, order), np.asarray(key, dtype=bool))
-    last = int(unique[-1])
     step = int(np.median(np.diff(unique))) if len(unique) > 1 else 1
-    end = last + (dur.get(last) or step or 1)
+    end = int(unique[-1]) + (last_duration or step or 1)
     origin = int(unique[0])
     return VideoIndex(unique, keyframe, origin, end, origin, 0, time_base, int(delay))
 
