@@ -18,8 +18,8 @@ from each, the middle one (``sample="middle"``) or a random one (``"rand"``, Int
 default). Segments are cut in time, not in frame numbers, so a variable-frame-rate clip is
 sampled evenly in time; on a constant-rate clip the middle frames are segment k's frame
 ``floor((k + 1/2)·N/n)``. A random frame is drawn among the frames that start inside the segment
-(InternVL draws from ``range(start, end - 1)``, which never picks a segment's last frame and fails
-on one-frame segments).
+(InternVL draws from ``range(start, end - 1)``, which never picks a segment's last frame, and
+falls back to a random permutation of the whole clip when a segment holds one frame).
 
 The frame count (``largest_fitting``, ``frame_count``): InternVL's ``read_frames_decord`` draws
 n uniformly from [min, max] and then pads with the last frame when the clip is shorter, and
@@ -35,8 +35,8 @@ that leaves no answer token at all is the ``prompt_too_long`` skip).
 
 Decoding (``decode_frames``): wanted frames in time order; decoding continues from the current
 position when no keyframe lies before the next wanted frame, otherwise seeks to the keyframe
-before it. Memory holds one decoded frame plus what ``convert`` keeps of each wanted one (a 448 px
-tile in training, nothing in ``mpo data check``), never the clip.
+before it. Memory holds the decoder's reference frames and one decoded frame plus what ``convert``
+keeps of each wanted one (a 448 px tile in training, nothing in ``mpo data check``), never the clip.
 """
 
 from __future__ import annotations
@@ -354,7 +354,6 @@ def decode_frames(
     try:
         with _open(source) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # frame + slice threads: a 1080p GOP decodes several times faster
             if index.timed:
                 _decode_seeking(container, stream, index, wanted, convert, got)
             else:
