@@ -17,6 +17,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -52,13 +53,15 @@ def measured(cmd: list[str], cwd: Path) -> dict:
 
 
 def write_model(work: Path) -> Path:
-    from mpo.model.tiny import save_tiny_internvl
+    # Libraries imported here log to stdout (DeepSpeed's accelerator notice): keep stdout one JSON line.
+    with contextlib.redirect_stdout(sys.stderr):
+        from mpo.model.tiny import save_tiny_internvl
 
-    return save_tiny_internvl(
-        work / "model-448",
-        vision={"image_size": 448, "patch_size": 14},
-        text={"max_position_embeddings": 8192},
-    )
+        return save_tiny_internvl(
+            work / "model-448",
+            vision={"image_size": 448, "patch_size": 14},
+            text={"max_position_embeddings": 8192},
+        )
 
 
 def write_config(work: Path, model: Path, video: str, **training) -> Path:
