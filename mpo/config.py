@@ -82,7 +82,15 @@ class DataConfig:
     )
     max_bad_fraction: float = opt(0.01, "with on_bad_sample=skip: fail when more than this share is bad")
     video_min_frames: int = opt(8, "fewest frames sampled from a video")
-    video_max_frames: int = opt(32, "most frames sampled from a video")
+    video_max_frames: int = opt(
+        32, "most frames sampled from a video (fewer when the sequence budget or the clip is shorter)"
+    )
+    video_sampling: Literal["rand", "middle"] = opt(
+        "rand",
+        "training frames: rand = a random count up to the most that fit and a random frame per "
+        "segment, seeded per sample and epoch (InternVL); middle = the most that fit, segment "
+        "middles (evaluation and the reference cache always use middle)",
+    )
     seed: int = opt(42, "seed of subsamples (repeat_time < 1) and of per-sample random views")
     follow_symlinks_outside_root: bool = opt(
         False, "allow media paths that are symlinks to files outside their dataset root"

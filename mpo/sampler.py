@@ -8,6 +8,10 @@ length of a pair is estimated from its record without decoding any image:
 
     length = system + question tokens + 256 x tiles (from the image header) + max(chosen, rejected) tokens
 
+A video's frames are estimated as the encoder's frame budget would choose them (the most that leave
+the longer answer whole inside ``data.max_length``, at most ``video_max_frames`` and the frame
+count the container's header announces), without demuxing the file.
+
 The grouping follows ``get_length_grouped_indices`` in transformers (``trainer_pt_utils``): shuffle
 with a seeded generator, cut into mega-batches of ``mega_batch_mult x batch_size``, sort each by
 length, so consecutive ``batch_size`` slices hold similar lengths while the order stays random at
@@ -27,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from mpo.data.mmpr import DataError
 from mpo.data.pairs import media_entries, media_fields, media_source, tile_budget
 from mpo.data.tiling import choose_grid, per_image_budget
+from mpo.data.video import header_frame_count
 
 
 def image_tiles_from_header(source, max_num: int, min_num: int, image_size: int, use_thumbnail: bool) -> int:
@@ -50,8 +55,13 @@ def _record_tiles(pairs, spec, obj: dict) -> int:
         fields = media_fields(obj, "")
     except DataError:
         return 0  # a bad record: the dataset skips or reports it
-    if kind == "video":
-        return cfg.video_max_frames  # an upper bound; frames are one tile each
+    if kind == "video":  # frames are one tile each; an upper bound (the text may leave room for fewer)
+        try:
+            source = media_source(spec.root, fields[0][1], "", "video", cfg.follow_symlinks_outside_root)
+        except DataError:
+            return cfg.video_max_frames
+        announced = header_frame_count(source)
+        return min(cfg.video_max_frames, announced or cfg.video_max_frames)
     if kind == "text":
         return 0
     per_image = per_image_budget(tile_budget(spec, cfg), len(fields))
@@ -72,15 +82,21 @@ def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:
     """Estimated tokens per pair (the longer of its two sequences) for a ``PairDataset``, ``(N,)``.
 
     Text is tokenized with the dataset's tokenizer in batches, the template's fixed tokens added;
-    images contribute ``tokens_per_tile x tiles`` (videos: ``video_max_frames`` tiles). Records
-    that cannot be read get length 0 and are left to the dataset to report.
+    images contribute ``tokens_per_tile x tiles``, videos ``(tokens_per_tile + a frame line's
+    tokens) x frames`` for the frames the budget would choose. Records that cannot be read get
+    length 0 and are left to the dataset to report.
     """
     tokenizer = pairs.encoder.template.tokenizer
     tokens_per_tile = pairs.encoder.vision.tokens_per_tile
+    cfg = pairs.cfg
     # System + empty user turn, and the answer's "<|im_start|>assistant\n" ... "<|im_end|>\n".
     fixed = len(pairs.encoder.template.encode_prompt("")) + len(pairs.encoder.template.prefix_ids) + 2
+    per_frame = tokens_per_tile + len(
+        tokenizer("Frame10: <img></img>\n", add_special_tokens=False)["input_ids"]
+    )
     n = len(pairs)
     lengths = np.zeros(n, dtype=np.int64)
+    frame_caps: dict[int, int] = {}  # video records: the most frames they may get
     for start in range(0, n, text_batch):
         idx, questions, answers = [], [], []
         for i in range(start, min(n, start + text_batch)):
@@ -93,13 +109,16 @@ def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:
             ]
             idx.append(i)
             try:
-                n_media = len(media_entries(obj, "")[1])
+                kind, media = media_entries(obj, "")
             except DataError:
-                n_media = 0
-            # Each image becomes <img> + context tokens + </img>; a missing placeholder adds "\n".
+                kind, media = "text", []
             questions.append(texts[0].replace("<image>", "").replace("<video>", ""))
             answers += texts[1:]
-            extra = 2 * n_media + (1 if n_media and "<image>" not in texts[0] else 0)
+            if kind == "video":
+                frame_caps[i] = _record_tiles(pairs, spec, obj)
+                continue
+            # Each image becomes <img> + context tokens + </img>; a missing placeholder adds "\n".
+            extra = 2 * len(media) + (1 if media and "<image>" not in texts[0] else 0)
             lengths[i] = tokens_per_tile * _record_tiles(pairs, spec, obj) + extra
         if not idx:
             continue
@@ -107,7 +126,12 @@ def pair_lengths(pairs, text_batch: int = 1024) -> np.ndarray:
         a = tokenizer(answers, add_special_tokens=False)["input_ids"]
         for k, i in enumerate(idx):
             longest = max(len(a[2 * k]), len(a[2 * k + 1]))
-            lengths[i] = min(pairs.cfg.max_length, lengths[i] + fixed + len(q[k]) + longest)
+            text = fixed + len(q[k]) + longest
+            if i in frame_caps:  # the encoder's budget: the most frames that leave the answer whole
+                cap = frame_caps[i]
+                frames = min(cap, max(min(cfg.video_min_frames, cap), (cfg.max_length - text) // per_frame))
+                lengths[i] = frames * per_frame
+            lengths[i] = min(cfg.max_length, lengths[i] + text)
     return lengths
 
 

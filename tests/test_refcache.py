@@ -133,7 +133,8 @@ def test_two_rank_shards_equal_one(tiny_model_dir, small_data, tmp_path):
 
     model = load_model(str(tiny_model_dir))
     pairs = _pairs(tiny_model_dir, small_data["train"])
-    whole, events = compute_shard(model, [pairs], 0, 1, 4, 4096, "cpu")
+    whole, events, videos = compute_shard(model, [pairs], 0, 1, 4, 4096, "cpu")
+    assert videos == [0]
     assert events.seen == 12
     parts = [compute_shard(model, [pairs], r, 2, 4, 4096, "cpu")[0] for r in (0, 1)]
     assert len(parts[0]) == 6 and len(parts[1]) == 6 and not set(parts[0]) & set(parts[1])

@@ -1,7 +1,7 @@
 """``mpo data``: validate MMPR data and show pairs exactly as the model sees them.
 
     mpo data check --config X [--json] [--out DIR] [key.sub=value ...]
-    mpo data inspect --config X --index I|all --json [key.sub=value ...]
+    mpo data inspect --config X --index I|all [--epoch E] --json [key.sub=value ...]
 
 Both read the tokenizer and the model's ``config.json`` (for tile size and tokens per tile); no
 model weights are loaded.
@@ -52,6 +52,8 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
     per_dataset: dict[str, Counter] = {}
     events = DataEvents()
     lengths: Counter[int] = Counter()  # memory grows with distinct lengths, not with lines
+    frames: Counter[int] = Counter()  # frames per video pair (evaluation's: the most that fit)
+    frame_limits: Counter[str] = Counter()  # what capped each video's frame count
     for spec, f in zip(ds.source.specs, ds.source.files):
         stats = per_dataset.setdefault(spec.name, Counter())
         for row in range(len(f)):
@@ -62,8 +64,13 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
                 stats["skipped"] += 1
                 continue
             stats["valid_lines"] += 1
-            stats["images"] += len(pair["num_tiles"])
             stats["tiles"] += sum(pair["num_tiles"])
+            if "video" not in pair:
+                stats["images"] += len(pair["num_tiles"])
+            else:
+                stats["videos"] += 1
+                frames[pair["video"]["frames"]] += 1
+                frame_limits[video_frame_limit(pair["video"], data_cfg)] += 1
             for n in pair["full_lengths"].values():
                 lengths[n] += 1
     ok, problem = True, None
@@ -92,9 +99,33 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
         "datasets": {k: dict(v) for k, v in per_dataset.items()},
         "pairs": len(ds),
         "token_lengths": percentiles(lengths),
+        "video_frames": video_frame_stats(frames, frame_limits),
         "truncated_responses": dict(events.truncated),
         "skipped": dict(events.skipped),
         "report": skip_report(meta_path, len(ds), data_cfg.max_bad_fraction, events),
+    }
+
+
+def video_frame_limit(video: dict[str, Any], data_cfg) -> str:
+    """What decided a video's frame count (the most that fit, as evaluation samples it)."""
+    if video["fit"] >= data_cfg.video_max_frames:
+        return "video_max_frames"
+    if video["fit"] >= video["frames_in_clip"]:
+        return "clip_length"
+    return "max_length"
+
+
+def video_frame_stats(frames: Counter, limits: Counter) -> dict[str, Any]:
+    """Frames per video (min / p50 / max) and how many videos each bound capped; {} without videos."""
+    from mpo.stats import percentiles
+
+    if not frames:
+        return {}
+    return {
+        "videos": sum(frames.values()),
+        "min": min(frames),
+        **percentiles(frames, (50, 100)),
+        "capped_by": dict(limits),
     }
 
 
@@ -106,8 +137,16 @@ def _format_check(res: dict[str, Any]) -> str:
         lines.append(
             f"  {name}: lines {s.get('lines', 0)}, valid {s.get('valid_lines', 0)}, skipped {s.get('skipped', 0)}, "
             f"images {s.get('images', 0)}, tiles {s.get('tiles', 0)}, pairs after repeat {s.get('pairs_after_repeat', 0)}"
+            + (f", videos {s['videos']}" if s.get("videos") else "")
         )
     lines.append(f"  sequence tokens (untruncated, chosen and rejected): {res['token_lengths']}")
+    if res.get("video_frames"):
+        v = res["video_frames"]
+        lines.append(
+            f"  frames per video (the most that fit data.max_length; training with data.video_sampling=rand "
+            f"draws from video_min_frames up to it): min {v['min']}, p50 {v['p50']}, max {v['max']}; "
+            f"capped by {v['capped_by']}"
+        )
     lines.append(f"  truncated responses: {res['truncated_responses'] or 0}")
     lines.append(f"  skips by reason: {res['skipped'] or 0}")
     for reason, msgs in res["report"]["examples"].items():
@@ -164,6 +203,7 @@ def inspect_pair(pair: dict[str, Any], tokenizer, tokens_per_tile: int, ignore_i
         "line": pair["line"],
         "num_tiles": list(pair["num_tiles"]),
         "num_image_tokens": sum(pair["num_tiles"]) * tokens_per_tile,
+        **({"video": pair["video"]} if "video" in pair else {}),
         "pixel_stats": None
         if pv is None
         else {"shape": list(pv.shape), "sum": float(pv.double().sum()), "mean": float(pv.double().mean())},
@@ -188,6 +228,13 @@ def cmd_inspect(argv: list[str]) -> int:
     p.add_argument("--index", required=True, help="sample index (0-based, after repeat_time) or 'all'")
     p.add_argument("--json", action="store_true", help="JSON output (the only format)")
     p.add_argument("--eval", action="store_true", help="read data.eval_meta_path instead of data.meta_path")
+    p.add_argument(
+        "--epoch",
+        type=int,
+        default=None,
+        help="show training's random view of this epoch (video frames, data_augment) instead of the "
+        "deterministic one",
+    )
     args = p.parse_args(argv)
     from mpo.config import ConfigError
     from mpo.data.pairs import PairDataset
@@ -199,7 +246,9 @@ def cmd_inspect(argv: list[str]) -> int:
         meta = cfg.data.eval_meta_path if args.eval else cfg.data.meta_path
         if meta is None:
             raise DataError("--eval given but data.eval_meta_path is not set")
-        ds = PairDataset(meta, tokenizer, vision, cfg.data)
+        if args.epoch is not None and (args.epoch < 0 or args.eval):
+            raise DataError("--epoch must be >= 0 and is for the training data (not with --eval)")
+        ds = PairDataset(meta, tokenizer, vision, cfg.data, train=args.epoch is not None)
         if args.index == "all":
             indices = range(len(ds))
         else:
@@ -210,7 +259,8 @@ def cmd_inspect(argv: list[str]) -> int:
             if not 0 <= indices[0] < len(ds):
                 raise DataError(f"--index {indices[0]} out of range: {meta} has {len(ds)} pairs")
         for i in indices:
-            pair, events = ds[i]
+            # The training sampler's index: epoch·N + i seeds the sample's random view.
+            pair, events = ds[i + (args.epoch or 0) * len(ds)]
             if pair is None:  # skipped under on_bad_sample=skip; the reason goes to stderr
                 print(f"index {i}: skipped: {events.first_examples(1)[0]}", file=sys.stderr)
                 continue

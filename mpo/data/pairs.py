@@ -165,7 +165,8 @@ class PairEncoder:
     def images(
         self, spec: DatasetSpec, obj: dict, where: str, rng: np.random.Generator | None = None
     ) -> tuple[str, torch.Tensor | None, list[int]]:
-        """(kind, tiles of every image/frame or None for text-only, tiles per image/frame).
+        """(kind, tiles of every image or None for text-only, tiles per image) of an image or
+        text-only record (videos: ``video``, which needs the text's length first).
 
         Tiles are ``(sum of tiles, 3, S, S)`` float32; each image is decoded and tiled once.
         ``rng`` (training only): the sample's random draws, for ``data_augment``.
@@ -173,19 +174,10 @@ class PairEncoder:
         kind, _ = media_entries(obj, where)
         if kind == "text":
             return kind, None, []
+        if kind == "video":
+            raise ValueError("video records go through PairEncoder.video (their frame count needs the text)")
         fields = media_fields(obj, where)
         size = self.vision.image_size
-        if kind == "video":
-            from mpo.data.video import video_frames  # PyAV only when a video appears
-
-            path = resolve_media(
-                spec.root, fields[0][1], where, "video", self.cfg.follow_symlinks_outside_root
-            )
-            frames = video_frames(path, self.cfg, where)
-            if not self.pixels:
-                return kind, None, [1] * len(frames)
-            # InternVL's video path: each frame is one Resize((S, S)) tile, no dynamic tiling.
-            return kind, torch.cat([tile_image(f, 1, size, 1, False) for f in frames]), [1] * len(frames)
         per_image = per_image_budget(tile_budget(spec, self.cfg), len(fields))
         min_num = min(self.cfg.min_dynamic_patch, per_image)
         tiles, counts = [], []
@@ -208,8 +200,10 @@ class PairEncoder:
 
         The pair holds ``{chosen,rejected}_{input_ids,labels}`` (1-D long), ``pixel_values``
         (``(tiles, 3, S, S)`` or None), ``num_tiles`` (per image/frame), ``full_lengths``
-        (untruncated sequence lengths), ``dataset`` and ``line``. Raises ``SampleError``.
-        ``rng``: the sample's random draws in training (``data_augment``); None: deterministic.
+        (untruncated sequence lengths), ``dataset``, ``line``, and for a video ``video`` (what
+        ``video`` sampled: frame count, frame numbers, timestamps). Raises ``SampleError``.
+        ``rng``: the sample's random draws in training (``data_augment``, video frames); None:
+        deterministic.
         """
         where = f"{spec.annotation}:{line_no}"
         question = _text_field(obj, "question", where)
@@ -230,21 +224,23 @@ class PairEncoder:
                     "(the template inserts these itself)",
                     "reserved_token",
                 )
-        kind, pixel_values, tiles = self.images(spec, obj, where, rng)
         try:
-            if kind == "video":
-                question = expand_video_placeholder(question, len(tiles))
-            expanded = expand_image_placeholders(question, [n * self.vision.tokens_per_tile for n in tiles])
-        except TemplateError as exc:
-            raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
-        try:
-            prompt = self.template.encode_prompt(expanded)
             answers = {
                 "chosen": self.template.encode_answer(chosen),
                 "rejected": self.template.encode_answer(rejected),
             }
         except TemplateError as exc:
             raise SampleError(f"{where}: field 'chosen'/'rejected': {exc}", "bad_answer") from exc
+        video = None
+        if media_entries(obj, where)[0] == "video":
+            # The frame count depends on the room the text leaves, so the answers come first.
+            longest = max(len(ids) for ids, _ in answers.values())
+            pixel_values, question, video = self.video(spec, obj, question, longest, where, rng)
+            tiles = [1] * video["frames"]
+        else:
+            _, pixel_values, tiles = self.images(spec, obj, where, rng)
+        expanded = self._expand(question, [n * self.vision.tokens_per_tile for n in tiles], where)
+        prompt = self.template.encode_prompt(expanded)
         out: dict[str, Any] = {
             "pixel_values": pixel_values,
             "num_tiles": tiles,
@@ -252,6 +248,8 @@ class PairEncoder:
             "dataset": spec.name,
             "line": line_no,
         }
+        if video is not None:
+            out["video"] = video
         truncated: Counter = Counter()
         for name, (ids, labels) in answers.items():
             keep = self._fit(len(prompt), len(ids), name, where)
@@ -262,6 +260,81 @@ class PairEncoder:
                 [IGNORE_INDEX] * len(prompt) + labels[:keep], dtype=torch.long
             )
         return out, truncated
+
+    @staticmethod
+    def _expand(question: str, token_counts: list[int], where: str) -> str:
+        """``question`` with each ``<image>`` replaced by its span (``expand_image_placeholders``)."""
+        try:
+            return expand_image_placeholders(question, token_counts)
+        except TemplateError as exc:
+            raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
+
+    def _video_question(self, question: str, num_frames: int, where: str) -> str:
+        """The question with one ``Frame{i}: <image>`` line per frame in place of ``<video>``."""
+        try:
+            return expand_video_placeholder(question, num_frames)
+        except TemplateError as exc:
+            raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
+
+    def video_prompt_length(self, question: str, num_frames: int, where: str = "") -> int:
+        """Tokens of the prompt (system + user turn) of a video question with ``num_frames`` frames.
+
+        The spans are tokenized empty and their image tokens added: ``<img>``, ``</img>`` and
+        ``<IMG_CONTEXT>`` are special tokens, so the text between them tokenizes the same either
+        way and the count is exact without tokenizing thousands of context tokens.
+        """
+        text = self._expand(self._video_question(question, num_frames, where), [0] * num_frames, where)
+        return len(self.template.encode_prompt(text)) + num_frames * self.vision.tokens_per_tile
+
+    def video(
+        self, spec: DatasetSpec, obj: dict, question: str, answer_len: int, where: str, rng=None
+    ) -> tuple[torch.Tensor | None, str, dict[str, Any]]:
+        """Frames of a video record, as many as the sequence budget allows (``mpo.data.video``).
+
+        Args:
+            answer_len: tokens of the longer answer turn; the frames leave room for it.
+            rng: the sample's generator in training: frame count and frames are drawn with it
+                under ``data.video_sampling=rand`` (and tiles augmented with ``data_augment``);
+                None: the most frames that fit, segment middles.
+
+        Returns:
+            (tiles ``(n, 3, S, S)`` or None without pixels, the question with its ``Frame{i}:
+            <image>`` lines, what was sampled: ``frames``, ``frames_in_clip``, ``fit`` (the most
+            frames that fit), ``frame_numbers``, ``timestamps_s``, ``sampling``).
+        """
+        from mpo.data import video as vid  # PyAV only when a video appears
+
+        vid.require_pyav(where)
+        source = media_source(spec.root, obj["video"], where, "video", self.cfg.follow_symlinks_outside_root)
+        index = vid.open_clip(source, obj.get("clip"), where)
+        cfg = self.cfg
+        lo, hi = min(cfg.video_min_frames, len(index)), min(cfg.video_max_frames, len(index))
+        room = cfg.max_length - answer_len
+        fit = vid.largest_fitting(lo, hi, lambda n: self.video_prompt_length(question, n, where) <= room)
+        # Not even lo frames leave the answers whole: lo frames, and data.truncation decides.
+        fit = lo if fit is None else fit
+        draw = rng if cfg.video_sampling == "rand" else None
+        n = vid.frame_count(lo, fit, draw)
+        positions = vid.sample_positions(index, n, draw)
+        size = self.vision.image_size
+        augment = rng if spec.data_augment else None
+        # InternVL's video path: each frame is one Resize((S, S)) tile, no dynamic tiling.
+        convert = (
+            (lambda frame: tile_image(frame.to_image(), 1, size, 1, False, augment_rng=augment))
+            if self.pixels
+            else (lambda frame: None)  # mpo data check: decoded (so errors show), nothing kept
+        )
+        tiles = vid.decode_frames(source, index, positions, where, convert)
+        info = {
+            "frames": n,
+            "frames_in_clip": len(index),
+            "fit": fit,
+            "frame_numbers": [index.first + p for p in positions],
+            "timestamps_s": index.seconds(positions),
+            "sampling": "rand" if draw is not None else "middle",
+        }
+        pixels = torch.cat(tiles) if self.pixels else None
+        return pixels, self._video_question(question, n, where), info
 
     def _fit(self, prompt_len: int, answer_len: int, name: str, where: str) -> int:
         """Answer tokens kept under ``max_length``: the prompt (holding every image span) is never cut."""
