@@ -17,8 +17,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mpo.data.mmpr import DataError
-
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Config, tokenizer and vision spec. Only ``model`` and ``data`` are validated: the data can
@@ -165,6 +163,7 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="also write data_skips[_eval].json into this folder")
     args = p.parse_args(argv)
     from mpo.config import ConfigError
+    from mpo.data.mmpr import DataError
     from mpo.model.loading import ModelLoadError
 
     try:
@@ -237,6 +236,7 @@ def cmd_inspect(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     from mpo.config import ConfigError
+    from mpo.data.mmpr import DataError
     from mpo.data.pairs import PairDataset
     from mpo.data.template import IGNORE_INDEX
     from mpo.model.loading import ModelLoadError
