@@ -194,7 +194,12 @@ def test_a_disagreeing_tokenizer_falls_back_to_the_template(data_dir, tokenizer,
     measurer = lengths_module._Measurer(pairs, 0)
     exact, _ = measurer.measure(0, len(RECORDS), exact=True)
     real = measurer._tokenize
-    monkeypatch.setattr(measurer, "_tokenize", lambda texts: [ids + [0] for ids in real(texts)])
+
+    def one_token_more(texts, ids=True):
+        out = real(texts, ids)
+        return [x + [0] for x in out] if ids else [x + 1 for x in out]
+
+    monkeypatch.setattr(measurer, "_tokenize", one_token_more)
     got, stats = measurer.measure(0, len(RECORDS))
     assert stats["exact_fallback"] == 1 and got.tolist() == exact.tolist()
 
@@ -421,3 +426,58 @@ def test_ranks_split_the_work_shared_and_node_local_caches(tiny_model_dir, data_
     for r in range(2):
         (folder,) = (tmp_path / f"node{r}").iterdir()
         assert np.array_equal(np.load(folder / "lengths.npy"), want)
+
+
+MEMORY_CHILD = """
+import sys
+from mpo.config import DataConfig
+from mpo.data.cli import vision_spec_for
+from mpo.data.lengths import length_index
+from mpo.data.pairs import PairDataset
+from mpo.model.loading import load_tokenizer
+
+pairs = PairDataset(sys.argv[1], load_tokenizer(sys.argv[2]), vision_spec_for(sys.argv[2]), DataConfig())
+
+def hwm_kib():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
+base = hwm_kib()
+index = length_index(pairs, cache_dir=sys.argv[3], progress=False)
+assert not index.files[0].built
+tokens = index.pair_tokens(8192)
+print("GROWTH", hwm_kib() - base, int(tokens.sum()))
+"""
+
+
+@pytest.mark.slow
+def test_reusing_the_index_costs_bytes_per_pair(tiny_model_dir, tmp_path):
+    """Opening a cached index and reading every pair's length grows the peak RSS by a few bytes
+    per pair (the mapped file's 17, the int32 result and its temporaries), not by Python objects."""
+    from mpo.data.cli import vision_spec_for
+    from mpo.model.loading import load_tokenizer
+
+    tokenizer, vision = load_tokenizer(str(tiny_model_dir)), vision_spec_for(str(tiny_model_dir))
+    growth = {}
+    for n in (20_000, 100_000):
+        path = tmp_path / f"{n}.jsonl"
+        with open(path, "w") as f:
+            for i in range(n):
+                f.write(
+                    json.dumps({"question": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."})
+                    + "\n"
+                )
+        pairs = PairDataset(path, tokenizer, vision, DataConfig())
+        length_index(pairs, cache_dir=tmp_path / "cache", progress=False)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(path), str(tiny_model_dir), str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        growth[n] = int(out.stdout.split("GROWTH")[1].split()[0])
+    per_pair = (growth[100_000] - growth[20_000]) * 1024 / 80_000
+    print(f"peak RSS growth KiB {growth} -> {per_pair:.1f} B/pair")
+    # 17 B mapped + 4 B result + 8 B of int32 temporaries = 29 B; twice that leaves room for the allocator.
+    assert per_pair < 58, growth

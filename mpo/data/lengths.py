@@ -94,7 +94,7 @@ MANIFEST_NAME = "manifest.json"
 CHUNK_ROWS = 8192  # rows per work item: ~1 s of work, small enough to balance 16 workers on 100k rows
 CHECKED_PER_CHUNK = 2  # records per chunk compared with the template's full encoding
 _EXAMPLES = 3  # messages kept per skip reason
-_MAX_SIZES = 1 << 16  # image sizes remembered per worker (pairs of one image are usually adjacent)
+_MAX_REMEMBERED = 1 << 16  # image tile counts kept per worker (pairs of one image are usually adjacent)
 
 
 class LengthIndexError(DataError):
@@ -115,7 +115,9 @@ def default_cache_dir() -> Path:
 def default_workers() -> int:
     """This machine's CPUs divided by the ranks on it; 0 (in-process) when that leaves one."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    per_rank = cpus // max(1, int(local))
     return per_rank if per_rank >= 2 else 0
 
 
@@ -156,9 +158,10 @@ def launched_group():
         dist.init_process_group(backend="gloo")
     try:
         yield
+        if start:
+            dist.barrier()  # every rank done before the group goes (a failed rank: the launcher stops all)
     finally:
         if start:
-            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -232,18 +235,19 @@ class _Measurer:
         self.image_size = pairs.encoder.vision.image_size
         self.cfg = pairs.cfg
         self.budget = tile_budget(self.spec, self.cfg)
-        self._sizes: dict[str, tuple[int, int]] = {}
+        # (path as written, per-image budget, fewest tiles) -> tiles; skips path checks, the header
+        # and the grid search for the other pairs of an image. Lives as long as one build.
+        self._tiles: dict[tuple[str, int, int], int] = {}
 
     def __len__(self) -> int:
         return len(self.file)
 
-    def header_size(self, source: Path | bytes, where: str, field: str) -> tuple[int, int]:
+    @staticmethod
+    def header_size(source: Path | bytes, where: str, field: str) -> tuple[int, int]:
         """(width, height) read from the image header; SampleError with the encoder's reasons."""
-        if isinstance(source, Path) and str(source) in self._sizes:
-            return self._sizes[str(source)]
         try:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-                size = im.size
+                return im.size
         except FileNotFoundError as exc:
             raise SampleError(
                 f"{where}: field '{field}': image not found: {source}", "missing_image"
@@ -252,11 +256,19 @@ class _Measurer:
             raise SampleError(f"{where}: field '{field}': {exc}", "image_too_large") from exc
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise SampleError(f"{where}: field '{field}': cannot read image: {exc}", "corrupt_image") from exc
-        if isinstance(source, Path):
-            if len(self._sizes) >= _MAX_SIZES:
-                self._sizes.clear()
-            self._sizes[str(source)] = size
-        return size
+
+    def image_tiles(self, value: Any, per_image: int, min_num: int, where: str, field: str) -> int:
+        """Tiles of one image of a record (``value`` as the record holds it: a path or bytes)."""
+        key = (value, per_image, min_num) if isinstance(value, str) else None
+        if key is not None and key in self._tiles:
+            return self._tiles[key]
+        width, height = self.header_size(media_source(self.spec.root, value, where, field), where, field)
+        tiles = count_tiles(width, height, per_image, self.image_size, min_num, self.cfg.use_thumbnail)
+        if key is not None:
+            if len(self._tiles) >= _MAX_REMEMBERED:
+                self._tiles.clear()
+            self._tiles[key] = tiles
+        return tiles
 
     def layout(self, obj: dict, where: str) -> tuple[str, list[int], str, str]:
         """(question, tiles per image or frame, chosen, rejected); SampleError when unusable."""
@@ -283,12 +295,7 @@ class _Measurer:
             per_image = per_image_budget(self.budget, len(fields))
             min_num = min(self.cfg.min_dynamic_patch, per_image)
             for field, value in fields:
-                width, height = self.header_size(
-                    media_source(self.spec.root, value, where, field), where, field
-                )
-                tiles.append(
-                    count_tiles(width, height, per_image, self.image_size, min_num, self.cfg.use_thumbnail)
-                )
+                tiles.append(self.image_tiles(value, per_image, min_num, where, field))
         return question, tiles, chosen, rejected
 
     @staticmethod
@@ -349,13 +356,13 @@ class _Measurer:
         stats = {"skipped": reasons, "examples": examples, "exact_fallback": int(exact)}
         if exact or not ok:
             return out, stats
-        users = self._tokenize([u for _, _, _, _, u, _, _ in ok])
+        users = self._tokenize([u for _, _, _, _, u, _, _ in ok], ids=False)
         answers = self._tokenize([assistant_turn(t) for r in ok for t in r[5:7]])
         fixed = len(self.template.system_ids)
         for k, (j, where, _, tiles, _, chosen, rejected) in enumerate(ok):
             try:
                 out[j] = (
-                    fixed + len(users[k]) + self.tokens_per_tile * sum(tiles),
+                    fixed + users[k] + self.tokens_per_tile * sum(tiles),
                     self.answer_tokens(chosen, answers[2 * k], where),
                     self.answer_tokens(rejected, answers[2 * k + 1], where),
                     sum(tiles),
@@ -373,17 +380,25 @@ class _Measurer:
                 return self.measure(start, end, exact=True)
         return out, stats
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, as ``tokenizer(text, add_special_tokens=False)`` gives them.
+    def _tokenize(self, texts: list[str], ids: bool = True) -> list[list[int]] | list[int]:
+        """Token ids (``ids=False``: counts) of each text, as ``tokenizer(text,
+        add_special_tokens=False)`` gives them; each distinct text is tokenized once (MMPR pairs
+        share questions and answers: N sampled answers make correct x wrong pairs).
 
-        A fast tokenizer's Rust batch call, without offsets, skips the Python wrapper's per-text
+        A fast tokenizer's Rust batch call without offsets skips the Python wrapper's per-text
         work; the per-chunk check against the template catches a wrapper that changes the text.
         """
+        distinct = list(dict.fromkeys(texts))
         tokenizer = self.template.tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and hasattr(backend, "encode_batch_fast"):
-            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+            encodings = backend.encode_batch_fast(distinct, add_special_tokens=False)
+            found = [e.ids for e in encodings] if ids else [len(e) for e in encodings]
+        else:
+            found = tokenizer(distinct, add_special_tokens=False)["input_ids"]
+            found = found if ids else [len(x) for x in found]
+        by_text = dict(zip(distinct, found))
+        return [by_text[t] for t in texts]
 
 
 def _skip(out: np.ndarray, j: int, exc: DataError, reasons: Counter, examples: dict[str, list[str]]) -> None:
