@@ -363,7 +363,7 @@ def test_data_index_command_builds_then_reuses(tiny_model_dir, data_dir, tmp_pat
     assert main(["data", "index", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "length index: 100 pairs" in out and "built now (no index of this file yet)" in out
-    assert "cannot be encoded: invalid_json x" in out
+    assert "cannot be measured: invalid_json x" in out
     assert main(["data", "index", "--config", str(cfg), "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["datasets"]["many"]["built"] is False and figures["pairs"] == 100

@@ -11,7 +11,10 @@ Stored, one row per record of an annotation file (JSONL line or table row), ``LE
     chosen     tokens of the chosen answer's assistant turn (``<|im_start|>assistant\\n`` ... ``<|im_end|>\\n``)
     rejected   the same for the rejected answer
     tiles      image tiles of the pair (all its images; a video counts data.video_max_frames frames)
-    status     0: ok; 1: the record cannot be encoded (lengths 0; the dataset skips or reports it)
+    status     0: measured; 1: cannot be measured (lengths 0): an unreadable line, a missing or
+               non-text field, placeholders that do not fit the images, an unreadable image header.
+               The dataset skips or reports these; records it rejects for other reasons
+               (identical answers, reserved tokens, a pixel decode error) keep their lengths.
 
 so the encoder's ``full_lengths`` are ``prompt + chosen`` and ``prompt + rejected``, untruncated:
 ``data.max_length`` applies when the lengths are read (``pair_tokens``), so changing it reuses
@@ -402,7 +405,7 @@ class _Measurer:
 
 
 def _skip(out: np.ndarray, j: int, exc: DataError, reasons: Counter, examples: dict[str, list[str]]) -> None:
-    """Mark row ``j`` as not encodable (lengths 0) and count its reason."""
+    """Mark row ``j`` as not measurable (lengths 0) and count its reason."""
     out[j] = (0, 0, 0, 0, 1)
     reason = getattr(exc, "reason", "invalid_sample")
     reasons[reason] += 1
@@ -697,7 +700,7 @@ class LengthIndex:
         """Tokens of each pair's longer sequence, ``prompt + max(chosen, rejected)``, int32 ``(N,)``.
 
         ``max_length``: cap each value (what ``truncation=truncate_response`` keeps). Records that
-        cannot be encoded give 0.
+        cannot be measured give 0.
         """
         out = np.empty(len(self), dtype=np.int32)
         for k, f in enumerate(self.files):
@@ -781,7 +784,7 @@ def format_figures(fig: dict[str, Any], seconds: float) -> str:
             f"{d['build_processes']} process(es); {d['folder']}"
         )
         for reason, count in d["skipped"].items():
-            lines.append(f"    cannot be encoded: {reason} x{count}, e.g. {d['examples'][reason][0]}")
+            lines.append(f"    cannot be measured: {reason} x{count}, e.g. {d['examples'][reason][0]}")
         if d["exact_fallback_chunks"]:
             lines.append(
                 f"    {d['exact_fallback_chunks']} chunk(s) measured by the template's full encoding"
