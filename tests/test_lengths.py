@@ -287,6 +287,8 @@ def test_cache_hits_and_misses(data_dir, tokenizer, vision, tmp_path):
     damaged = index()
     assert damaged.files[0].built and damaged.files[0].reason == "the cached index was unreadable"
     assert np.array_equal(damaged.files[0].table, want)
+    (damaged.files[0].folder / "manifest.json").write_text('{"format": 1, "key": {"cont')  # cut short
+    assert index().files[0].built and not index().files[0].built
     assert (
         length_index(_pairs(path, tokenizer, vision), cache, 0, rebuild=True).files[0].reason == "--rebuild"
     )

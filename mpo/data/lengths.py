@@ -499,11 +499,15 @@ def _open(folder: Path, key: dict[str, Any], rows: int) -> tuple[np.ndarray, dic
     path = folder / MANIFEST_NAME
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        table = np.load(folder / ARRAY_NAME, mmap_mode="r")
+    except (OSError, ValueError) as exc:  # a damaged or half-deleted folder: build it again
+        logger.warning("%s: cannot read the cached index (%s); rebuilding", folder, exc)
+        return None
     if manifest.get("key") != key:
         logger.warning("%s: manifest does not hold this index's key; rebuilding", folder)
         return None
-    table = np.load(folder / ARRAY_NAME, mmap_mode="r")
     if table.dtype != LENGTH_DTYPE or table.shape != (rows,):
         logger.warning(
             "%s: %s holds %s %s, expected %d rows; rebuilding",
@@ -537,17 +541,21 @@ def _why_built(cache: Path, key: dict[str, Any], source: str) -> str:
 
 def _compute(
     measurer: _Measurer, folder: Path, workers: int, ranks: _Ranks, progress: bool
-) -> dict[str, Any]:
-    """Measure every row (this rank's chunks), publish ``lengths.npy``; the merged stats."""
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Measure every row (this rank's chunks) and write ``lengths.npy`` (rank 0).
+
+    Returns the merged stats and, under a launcher, the whole table (for a node that cannot see
+    rank 0's folder); None in one process, where chunks go straight into the mapped file.
+    """
     from tqdm import tqdm
 
     n = len(measurer)
     mine = _chunks(n, ranks.rank, ranks.world)
     bar = tqdm(
         total=sum(e - s for s, e in mine),
-        desc=f"length index {measurer.spec.name}" + (f" (rank 0 of {ranks.world})" if ranks.on else ""),
+        desc=f"length index {measurer.spec.name}"
+        + (f" (rank 0's share of {ranks.world})" if ranks.on else ""),
         unit="pairs",
-        unit_scale=True,
         disable=not (progress and ranks.rank == 0),
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -555,14 +563,17 @@ def _compute(
     with bar:
         if not ranks.on:
             tmp = _tmp(folder / ARRAY_NAME)
-            table = np.lib.format.open_memmap(tmp, mode="w+", dtype=LENGTH_DTYPE, shape=(n,))
-            for start, part, st in _measured(measurer, mine, workers, bar):
-                table[start : start + len(part)] = part
-                stats.append(st)
-            table.flush()
-            del table
-            os.replace(tmp, folder / ARRAY_NAME)
-            return _merge_stats(stats)
+            try:
+                table = np.lib.format.open_memmap(tmp, mode="w+", dtype=LENGTH_DTYPE, shape=(n,))
+                for start, part, st in _measured(measurer, mine, workers, bar):
+                    table[start : start + len(part)] = part
+                    stats.append(st)
+                table.flush()
+                del table
+                os.replace(tmp, folder / ARRAY_NAME)
+            finally:
+                tmp.unlink(missing_ok=True)  # an interrupted build leaves no partial file
+            return _merge_stats(stats), None
         share = list(_measured(measurer, mine, workers, bar))
     parts = ranks.gather(share)
     table = np.zeros(n, LENGTH_DTYPE)
@@ -571,7 +582,7 @@ def _compute(
         stats.append(st)
     if ranks.rank == 0:
         _write_table(folder, table)
-    return {**_merge_stats(stats), "_table": table}
+    return _merge_stats(stats), table
 
 
 def _publish_manifest(folder: Path, manifest: dict[str, Any], table, ranks: _Ranks) -> None:
@@ -626,8 +637,7 @@ def file_lengths(
     source = os.path.abspath(spec.annotation)
     reason = "--rebuild" if rebuild else _why_built(cache, key, source)
     started = time.perf_counter()
-    stats = _compute(measurer, folder, workers, ranks, progress)
-    table = stats.pop("_table", None)
+    stats, table = _compute(measurer, folder, workers, ranks, progress)
     manifest = {
         "format": FORMAT,
         "source": source,
