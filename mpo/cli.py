@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": (
         "mpo.data.cli",
         "cmd_data",
-        "check | inspect: validate MMPR data, show a pair as the model sees it",
+        "check | inspect | index: validate MMPR data, show a pair as the model sees it, cache pair lengths",
     ),
     "precompute-ref": ("mpo.cli", "cmd_precompute_ref", "cache reference log-probs (model.reference=cache)"),
     "report": ("mpo.report", "cmd_report", "HTML report + plots from metrics.jsonl, with a verdict"),
@@ -37,6 +37,7 @@ USAGE = """usage: mpo COMMAND [ARGS]
   mpo train --config X [key.sub=value ...]          train
   mpo data check --config X                         validate every line; counts, tiles, lengths, skips
   mpo data inspect --config X --index I             one pair exactly as the model sees it
+  mpo data index --config X                         per-pair lengths, computed in parallel and cached
   mpo precompute-ref --config X model.ref_cache=DIR cache reference log-probs
   mpo report RUN_DIR | mpo summary RUN_DIR          a run's report / summary
   mpo generate --model DIR --image X --question Q   greedy answer from a model

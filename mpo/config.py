@@ -96,6 +96,13 @@ class DataConfig:
         False, "allow media paths that are symlinks to files outside their dataset root"
     )
     group_by_length: bool = opt(False, "batch pairs of similar estimated length (less padding)")
+    length_cache_dir: str | None = opt(
+        None,
+        "folder of cached length indexes (`mpo data index`); default $MPO_CACHE/lengths or ~/.cache/mpo/lengths",
+    )
+    length_workers: int | None = opt(
+        None, "worker processes per rank building the length index; 0: in-process; default: CPUs per rank"
+    )
 
 
 @dataclass
@@ -379,6 +386,8 @@ def data_problems(d: DataConfig) -> list[str]:
         problems.append("data.max_bad_fraction must be in [0, 1]")
     if not 1 <= d.video_min_frames <= d.video_max_frames:
         problems.append("data.video_min_frames must be >= 1 and <= data.video_max_frames")
+    if d.length_workers is not None and d.length_workers < 0:
+        problems.append(f"data.length_workers must be >= 0 (0: build in-process), got {d.length_workers}")
     return problems
 
 

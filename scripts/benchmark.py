@@ -436,14 +436,14 @@ def forward_flops_per_pair(work: Path) -> tuple[float, float]:
 
     Matmuls count 2 FLOPs per multiply-add; attention scores and values 4·n²·d per layer; the LM head
     only on response tokens (both trainers do that). Sequence lengths come from
-    ``mpo.sampler.pair_lengths`` (the longer row, used for both rows).
+    the length index (``mpo.data.lengths``: the longer row, used for both rows).
     """
     from transformers import AutoConfig
 
     from mpo.config import DataConfig
+    from mpo.data.lengths import length_index
     from mpo.data.pairs import PairDataset, VisionSpec
     from mpo.model.loading import load_tokenizer
-    from mpo.sampler import _record_tiles, pair_lengths
 
     cfg = AutoConfig.from_pretrained(work / "model")
     v, t = cfg.vision_config, cfg.text_config
@@ -454,7 +454,8 @@ def forward_flops_per_pair(work: Path) -> tuple[float, float]:
         vis,
         DataConfig(max_dynamic_patch=MAX_DYNAMIC_PATCH),
     )
-    lengths = pair_lengths(ds)
+    index = length_index(ds)
+    lengths, tiles_per_pair = index.pair_tokens(ds.cfg.max_length), index.tiles
     n_vit = (
         vis.image_size // (v.patch_size[0] if isinstance(v.patch_size, (list, tuple)) else v.patch_size)
     ) ** 2 + 1
@@ -467,7 +468,7 @@ def forward_flops_per_pair(work: Path) -> tuple[float, float]:
     vision, text = [], []
     for i, seq in enumerate(lengths.tolist()):
         spec, _, obj = ds.source.get(i)
-        tiles = _record_tiles(ds, spec, obj)
+        tiles = int(tiles_per_pair[i])
         vision.append(tiles * v.num_hidden_layers * (2 * vit_layer * n_vit + 4 * n_vit**2 * v.hidden_size))
         resp = len(ds.encoder.template._encode(obj["chosen"])) + len(
             ds.encoder.template._encode(obj["rejected"])

@@ -33,3 +33,20 @@ def naive_batch_logps(model, batch: dict) -> SequenceLogps:
         results.append(token_logps_brute_force(out.logits, batch["labels"][rows]))
     labels = batch["labels"]
     return SequenceLogps(logps=torch.cat(results), num_tokens=(labels[:, 1:] != IGNORE_INDEX).sum(-1))
+
+
+def length_grouped_indices_lists(
+    lengths, batch_size: int, generator: torch.Generator, mega_batch_mult: int = 50
+):
+    """transformers' ``get_length_grouped_indices`` recipe on Python lists (the sampler's earlier
+    form): shuffle, sort each mega-batch by length (stable), longest batch first."""
+    n = len(lengths)
+    perm = torch.randperm(n, generator=generator).tolist()
+    mega = max(batch_size, batch_size * mega_batch_mult)
+    groups = [sorted(perm[i : i + mega], key=lambda j: -int(lengths[j])) for i in range(0, n, mega)]
+    batches = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    if not batches:
+        return []
+    longest = max(range(len(batches)), key=lambda b: int(lengths[batches[b][0]]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for b in batches for i in b]

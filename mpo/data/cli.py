@@ -2,8 +2,9 @@
 
     mpo data check --config X [--json] [--out DIR] [key.sub=value ...]
     mpo data inspect --config X --index I|all [--epoch E] --json [key.sub=value ...]
+    mpo data index --config X [--rebuild] [--json] [key.sub=value ...]
 
-Both read the tokenizer and the model's ``config.json`` (for tile size and tokens per tile); no
+All read the tokenizer and the model's ``config.json`` (for tile size and tokens per tile); no
 model weights are loaded.
 """
 
@@ -275,7 +276,42 @@ def cmd_inspect(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"check": cmd_check, "inspect": cmd_inspect}
+def cmd_index(argv: list[str]) -> int:
+    """``mpo data index``: build (or reuse) the length index of ``data.meta_path``; print its figures.
+
+    Under ``torchrun``/``deepspeed`` the ranks split the work (``mpo.data.lengths``).
+    """
+    from mpo.cli_args import config_parser
+
+    p = config_parser("mpo data index", "Per-pair lengths computed once, in parallel, and cached")
+    p.add_argument("--rebuild", action="store_true", help="recompute even when a cached index matches")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = p.parse_args(argv)
+    import os
+    import time
+
+    from mpo.config import ConfigError
+    from mpo.data.lengths import format_figures, index_figures, launched_group, length_index
+    from mpo.data.mmpr import DataError
+    from mpo.data.pairs import PairDataset
+    from mpo.model.loading import ModelLoadError
+
+    started = time.perf_counter()
+    try:
+        cfg, tokenizer, vision = _load(args)
+        with launched_group():
+            pairs = PairDataset(cfg.data.meta_path, tokenizer, vision, cfg.data)
+            figures = index_figures(length_index(pairs, rebuild=args.rebuild), cfg.data.max_length)
+    except (ConfigError, DataError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        seconds = time.perf_counter() - started
+        print(json.dumps({**figures, "seconds": seconds}) if args.json else format_figures(figures, seconds))
+    return 0
+
+
+SUBCOMMANDS = {"check": cmd_check, "inspect": cmd_inspect, "index": cmd_index}
 
 
 def cmd_data(argv: list[str]) -> int:
@@ -285,6 +321,6 @@ def cmd_data(argv: list[str]) -> int:
     if argv[0] not in SUBCOMMANDS:
         close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        print(f"error: unknown subcommand '{argv[0]}'{hint} (check, inspect)", file=sys.stderr)
+        print(f"error: unknown subcommand '{argv[0]}'{hint} ({', '.join(SUBCOMMANDS)})", file=sys.stderr)
         return 2
     return SUBCOMMANDS[argv[0]](argv[1:])

@@ -328,6 +328,12 @@ class MixedSource:
             return k, local % n
         return k, int(self._extra[k][local - self._whole[k] * n])
 
+    def rows(self, k: int) -> np.ndarray:
+        """File rows of dataset ``k`` in the order of its global indices: int64 ``(sizes[k],)``,
+        ``rows(k)[j] == locate(bounds[k] + j)[1]`` (whole repeats, then the subsample)."""
+        n = len(self.files[k])
+        return np.concatenate([np.tile(np.arange(n, dtype=np.int64), self._whole[k]), self._extra[k]])
+
     def get(self, i: int) -> tuple[DatasetSpec, int, dict[str, Any]]:
         """(spec, 1-based line number, parsed record); raises LineError for an unreadable line."""
         k, row = self.locate(i)
