@@ -235,3 +235,55 @@ def test_plain_python_launch_with_deepspeed_is_one_process(common, single_proces
         env=env,
     )
     _assert_same_losses(out, single_process, [1, 2, 3])
+
+
+def _lines_with_bad(demo_data, tmp_path, n: int, bad_at: tuple[int, ...]) -> Path:
+    demo_meta = Path(demo_data["train"])
+    spec = next(iter(json.loads(demo_meta.read_text()).values()))
+    root = (demo_meta.parent / spec["root"]).resolve()
+    lines = [json.loads(x) for x in (root / spec["annotation"]).read_text().splitlines()[:n]]
+    for i in bad_at:
+        lines[i]["image"] = "images/missing.png"
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    meta = tmp_path / "bad.json"
+    meta.write_text(json.dumps({"bad": {"root": str(root), "annotation": str(tmp_path / "bad.jsonl")}}))
+    return meta
+
+
+def test_all_skipped_micro_batches_and_steps_under_deepspeed(common, demo_data, tmp_path):
+    """Per-device batch 1, the official setting: a skipped line empties a micro-batch. Two ZeRO-2
+    ranks × 2 accumulation steps (rank r reads lines 4s+r and 4s+r+2 of step s): step 1 has both
+    of rank 1's pairs skipped, step 2 every pair, step 4 one. They train on and match one process
+    reading the same global batches (batch 1 × 4), up to rounding; ZeRO-1 in one process (where
+    this used to fail with "loss must be a scalar tensor") matches it too. SGD and no BCO term, as
+    in tests/test_faults.py: they make the comparison tight."""
+    meta = _lines_with_bad(demo_data, tmp_path, 16, bad_at=(1, 3, 4, 5, 6, 7, 12))
+    args = [
+        *common, f"data.meta_path={meta}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.9",
+        "training.max_steps=4", "training.save_strategy=no", "training.train_sampling_strategy=sequential",
+        "training.optim=sgd", "training.learning_rate=0.1", "loss.quality_weight=0",
+        "training.per_device_train_batch_size=1",
+    ]  # fmt: skip
+    one, two, zero1 = tmp_path / "one", tmp_path / "two", tmp_path / "zero1"
+    _train([*args, "training.gradient_accumulation_steps=4", f"training.output_dir={one}"])
+    _train(
+        [*args, "training.gradient_accumulation_steps=2", _deepspeed("zero2"), f"training.output_dir={two}"],
+        2,
+    )
+    _train(
+        [
+            *args,
+            "training.gradient_accumulation_steps=4",
+            _deepspeed("zero1"),
+            f"training.output_dir={zero1}",
+        ],
+        1,
+    )
+    want = _train_rows(one)
+    assert want[2]["loss"] == 0.0 and "loss/dpo" not in want[2]  # a step with no pair at all
+    for got in (two, zero1):
+        rows = _train_rows(got)
+        assert rows[2]["loss"] == 0.0 and rows[2]["bco/num_rewards"] == want[1]["bco/num_rewards"]
+        assert_same_training({s: rows[s] for s in (1, 3, 4)}, {s: want[s] for s in (1, 3, 4)})
+        skips = json.loads((got / "data_skips.json").read_text())
+        assert skips["skipped"] == {"missing_image": 7} and skips["seen"] == 16
