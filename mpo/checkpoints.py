@@ -16,7 +16,6 @@ The run directory is held by one run at a time: ``RunDirLock`` (a lock file nami
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 
 from mpo.config import ConfigError, ExperimentConfig
 from mpo.distributed import deepspeed_stage
+from mpo.files import sha256_file, write_atomic
 
 MPO_STATE_NAME = "mpo_state.json"
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -72,32 +72,6 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under ``folder`` (and the folders) to disk: the completion marker must
-    not reach the disk before the weights and optimizer state do (a power cut, not just a kill)."""
-    for path in sorted(folder.rglob("*")) + [folder]:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass  # some filesystems refuse fsync on folders
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename, so a crash or a full disk never leaves a half-written file under ``path``."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def setup_mismatch(checkpoint, state: dict, args) -> str | None:
     """Why ``checkpoint`` (its ``mpo_state.json`` as ``state``) cannot resume exactly under
     ``args``'s processes and ZeRO stage, or None. The data position (batches to skip per rank)
@@ -123,14 +97,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written (disk full) or read back (corrupt)."""
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_files(folder: Path) -> list[Path]:
     """Every file of a checkpoint but its completion marker, sorted."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
@@ -141,7 +107,7 @@ def file_digests(folder: Path, threads: int = 8) -> dict[str, dict[str, Any]]:
     hashlib releases the GIL, so large files hash in parallel)."""
     files = checkpoint_files(folder)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        digests = list(pool.map(_sha256, files))
+        digests = list(pool.map(sha256_file, files))
     return {
         str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)
     }
@@ -175,7 +141,7 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         size = path.stat().st_size
         if size != want["bytes"]:
             return f"{path} is {size} bytes, {want['bytes']} when it was saved (truncated or overwritten)"
-        if _sha256(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             return f"{path} does not match the checksum recorded when it was saved (corrupted)"
     for name in (MPO_STATE_NAME, "trainer_state.json"):
         path = folder / name

@@ -45,6 +45,7 @@ import torch
 
 from mpo.data.events import DataEvents, gather_events
 from mpo.data.mmpr import DataError
+from mpo.files import sha256_file
 
 CACHE_FORMAT = 2  # 2: video frame budget and clip in the key; video pairs counted
 MANIFEST_NAME = "manifest.json"
@@ -57,14 +58,6 @@ class RefCacheError(ValueError):
 
 
 # ---- identity of what the values depend on ----------------------------------------------------
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _weight_fingerprint(path: Path) -> str:
@@ -111,7 +104,7 @@ def model_identity(path: str, torch_dtype: str) -> dict[str, Any]:
     if not weights:
         raise RefCacheError(f"reference model {path}: no .safetensors or .bin weight files")
     return {
-        "config_sha256": _sha256_file(config),
+        "config_sha256": sha256_file(config),
         "weights": {
             p.name: {"bytes": p.stat().st_size, "fingerprint": _weight_fingerprint(p)} for p in weights
         },
@@ -153,7 +146,7 @@ def _media_digest(root: Path, value: Any, where: str, field: str, follow_symlink
         return hashlib.sha256(source).hexdigest()
     if not source.is_file():
         raise RefCacheError(f"{where}: field '{field}': file not found: {source}")
-    return _sha256_file(source)
+    return sha256_file(source)
 
 
 def pair_key(pair_dataset, index: int) -> bytes:

@@ -62,6 +62,7 @@ from mpo import checkpoints
 from mpo.data.events import DataEvents, gather_events
 from mpo.data.mmpr import DataError
 from mpo.distributed import deepspeed_stage
+from mpo.files import fsync_tree, write_atomic
 from mpo.logprobs import batch_logps, lockstep_lm_head_calls
 from mpo.loss import MPOLoss, PairLogps, PairTerms
 from mpo.shared_prompt import shared_prompt_batch_logps
@@ -414,7 +415,7 @@ class MPOTrainer(Trainer):
             self.args.save_total_limit = limit
         data_events = gather_events(self.data_events["train"])  # collective: every rank saves
         if ckpt.is_dir():
-            checkpoints.fsync_tree(ckpt)  # each rank flushes what it wrote (ZeRO shards included)
+            fsync_tree(ckpt)  # each rank flushes what it wrote (ZeRO shards included)
         if _dist_ready():
             dist.barrier()  # every rank's shards are on disk before the checkpoint is marked complete
         if self.args.should_save:
@@ -424,7 +425,7 @@ class MPOTrainer(Trainer):
                 "zero_stage": deepspeed_stage(self.args.deepspeed),
                 "data_events": data_events.to_dict(),
             }
-            checkpoints.write_atomic(ckpt / checkpoints.MPO_STATE_NAME, json.dumps(state))
+            write_atomic(ckpt / checkpoints.MPO_STATE_NAME, json.dumps(state))
             # Written last, with every file's size and checksum: a checkpoint without it is
             # incomplete and never resumed from; one whose files changed since is refused.
             checkpoints.write_complete_marker(ckpt, self.state.global_step)

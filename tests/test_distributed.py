@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import assert_same_training  # tests/ is on sys.path under pytest
+from test_faults import _with_bad_lines  # tests/ is on sys.path under pytest
+from tolerances import assert_same_training
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -237,19 +238,6 @@ def test_plain_python_launch_with_deepspeed_is_one_process(common, single_proces
     _assert_same_losses(out, single_process, [1, 2, 3])
 
 
-def _lines_with_bad(demo_data, tmp_path, n: int, bad_at: tuple[int, ...]) -> Path:
-    demo_meta = Path(demo_data["train"])
-    spec = next(iter(json.loads(demo_meta.read_text()).values()))
-    root = (demo_meta.parent / spec["root"]).resolve()
-    lines = [json.loads(x) for x in (root / spec["annotation"]).read_text().splitlines()[:n]]
-    for i in bad_at:
-        lines[i]["image"] = "images/missing.png"
-    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    meta = tmp_path / "bad.json"
-    meta.write_text(json.dumps({"bad": {"root": str(root), "annotation": str(tmp_path / "bad.jsonl")}}))
-    return meta
-
-
 def test_all_skipped_micro_batches_and_steps_under_deepspeed(common, demo_data, tmp_path):
     """Per-device batch 1, the official setting: a skipped line empties a micro-batch. Two ZeRO-2
     ranks × 2 accumulation steps (rank r reads lines 4s+r and 4s+r+2 of step s): step 1 has both
@@ -257,7 +245,7 @@ def test_all_skipped_micro_batches_and_steps_under_deepspeed(common, demo_data, 
     reading the same global batches (batch 1 × 4), up to rounding; ZeRO-1 in one process (where
     this used to fail with "loss must be a scalar tensor") matches it too. SGD and no BCO term, as
     in tests/test_faults.py: they make the comparison tight."""
-    meta = _lines_with_bad(demo_data, tmp_path, 16, bad_at=(1, 3, 4, 5, 6, 7, 12))
+    meta = _with_bad_lines(demo_data, tmp_path, bad_at=(1, 3, 4, 5, 6, 7, 12), n=16)
     args = [
         *common, f"data.meta_path={meta}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.9",
         "training.max_steps=4", "training.save_strategy=no", "training.train_sampling_strategy=sequential",

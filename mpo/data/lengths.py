@@ -84,7 +84,8 @@ from mpo.data.template import (
     user_turn,
 )
 from mpo.data.tiling import count_tiles, per_image_budget
-from mpo.refcache import _sha256_file, data_settings
+from mpo.files import sha256_file
+from mpo.refcache import data_settings
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +177,9 @@ def content_identity(path: Path) -> dict[str, Any]:
     folder (hidden files and ``cache-*`` files that ``datasets`` may write beside the data left out)."""
     path = Path(path)
     if not path.is_dir():
-        return {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+        return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "cache-")))
-    return {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": _sha256_file(p)} for p in files}
+    return {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
 def length_settings(pairs) -> dict[str, Any]:
