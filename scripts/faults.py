@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -102,8 +103,12 @@ def signal_case(cmd, env, out: Path, sig: int, at_step: int, baseline) -> dict:
         }
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=900)
-    said = next((ln for ln in reversed(err.splitlines()) if "stopped after step" in ln), "")
-    outcome = f"exit {proc.returncode}" + (f": {said.split(':', 1)[1].strip()[:60]}" if said else "")
+    said = re.search(r"stopped after step (\d+)", err)
+    outcome = (
+        f"saved and stopped after step {said.group(1)} (exit {proc.returncode})"
+        if said
+        else f"exit {proc.returncode}"
+    )
     done = run([*cmd, "training.resume_from_checkpoint=latest"], env)
     if done.returncode != 0:
         return {"outcome": outcome, "checkpoint": "-", "equal": f"resume failed: {done.stderr[-200:]}"}
