@@ -345,12 +345,12 @@ def _write_config(tmp_path, model_dir, data_dir, cache) -> Path:
 
 def _serial_table(cfg_path: Path, tmp_path: Path) -> np.ndarray:
     from mpo.config import load_config
-    from mpo.data.cli import vision_spec_for
+    from mpo.model.loading import load_vision_spec
     from mpo.model.loading import load_tokenizer
 
     cfg = load_config(cfg_path, check=False)
     pairs = PairDataset(
-        cfg.data.meta_path, load_tokenizer(cfg.model.path), vision_spec_for(cfg.model.path), cfg.data
+        cfg.data.meta_path, load_tokenizer(cfg.model.path), load_vision_spec(cfg.model.path), cfg.data
     )
     return np.asarray(length_index(pairs, cache_dir=tmp_path / "serial", workers=0).files[0].table)
 
@@ -430,12 +430,12 @@ def test_ranks_split_the_work_shared_and_node_local_caches(tiny_model_dir, data_
 MEMORY_CHILD = """
 import sys
 from mpo.config import DataConfig
-from mpo.data.cli import vision_spec_for
+from mpo.model.loading import load_vision_spec
 from mpo.data.lengths import length_index
 from mpo.data.pairs import PairDataset
 from mpo.model.loading import load_tokenizer
 
-pairs = PairDataset(sys.argv[1], load_tokenizer(sys.argv[2]), vision_spec_for(sys.argv[2]), DataConfig())
+pairs = PairDataset(sys.argv[1], load_tokenizer(sys.argv[2]), load_vision_spec(sys.argv[2]), DataConfig())
 
 def rss_kib():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
@@ -453,10 +453,10 @@ def test_reusing_the_index_keeps_bytes_per_pair(tiny_model_dir, tmp_path):
     """Opening a cached index and holding every pair's length adds a few bytes per pair to the
     resident memory (the mapped file's 17 and the int32 result), not Python objects. (Hashing the
     file reads it through two 4 MiB buffers at most, a fixed peak that is freed again.)"""
-    from mpo.data.cli import vision_spec_for
+    from mpo.model.loading import load_vision_spec
     from mpo.model.loading import load_tokenizer
 
-    tokenizer, vision = load_tokenizer(str(tiny_model_dir)), vision_spec_for(str(tiny_model_dir))
+    tokenizer, vision = load_tokenizer(str(tiny_model_dir)), load_vision_spec(str(tiny_model_dir))
     growth = {}
     for n in (10_000, 50_000):
         path = tmp_path / f"{n}.jsonl"
