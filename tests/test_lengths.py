@@ -345,8 +345,7 @@ def _write_config(tmp_path, model_dir, data_dir, cache) -> Path:
 
 def _serial_table(cfg_path: Path, tmp_path: Path) -> np.ndarray:
     from mpo.config import load_config
-    from mpo.model.loading import load_vision_spec
-    from mpo.model.loading import load_tokenizer
+    from mpo.model.loading import load_tokenizer, load_vision_spec
 
     cfg = load_config(cfg_path, check=False)
     pairs = PairDataset(
@@ -453,8 +452,7 @@ def test_reusing_the_index_keeps_bytes_per_pair(tiny_model_dir, tmp_path):
     """Opening a cached index and holding every pair's length adds a few bytes per pair to the
     resident memory (the mapped file's 17 and the int32 result), not Python objects. (Hashing the
     file reads it through two 4 MiB buffers at most, a fixed peak that is freed again.)"""
-    from mpo.model.loading import load_vision_spec
-    from mpo.model.loading import load_tokenizer
+    from mpo.model.loading import load_tokenizer, load_vision_spec
 
     tokenizer, vision = load_tokenizer(str(tiny_model_dir)), load_vision_spec(str(tiny_model_dir))
     growth = {}
