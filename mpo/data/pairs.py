@@ -28,7 +28,7 @@ from mpo.data.template import (
     IGNORE_INDEX,
     TemplateEncoder,
     TemplateError,
-    expand_image_placeholders,
+    expand_placeholders_in_turns,
     expand_video_placeholder,
 )
 from mpo.data.tiling import VisionSpec, count_tiles, per_image_budget, tile_image
@@ -60,6 +60,29 @@ def _text_field(obj: dict, key: str, where: str) -> str:
     if key != "question" and not value.strip():
         raise SampleError(f"{where}: field '{key}' is empty", f"empty_{key}")
     return value
+
+
+def _prompt_context(obj: dict, where: str) -> tuple[list[tuple[str, str]], str | None]:
+    """A record's optional earlier turns and own system prompt (``history``, ``system``).
+
+    ``history`` is ``[[user, assistant], ...]``, oldest first (multi-turn prompts read from other
+    formats, ``mpo.data.formats``); ``system`` replaces ``data.system_message`` for this pair.
+    """
+    history, system = obj.get("history"), obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise SampleError(
+            f"{where}: field 'system' must be a string, got {type(system).__name__}", "bad_system"
+        )
+    if history is None:
+        return [], system
+    if not isinstance(history, list) or not all(
+        isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+        for turn in history
+    ):
+        raise SampleError(
+            f"{where}: field 'history' must be a list of [user, assistant] string pairs", "bad_history"
+        )
+    return [(user, answer) for user, answer in history], system
 
 
 def resolve_media(root: Path, rel: Any, where: str, field: str, follow_symlinks: bool = False) -> Path:
@@ -96,6 +119,11 @@ def media_source(
         return value["bytes"]
     if isinstance(value, dict) and value.get("path"):
         value = value["path"]
+        if isinstance(value, str) and os.path.isabs(value):
+            # A HF Image column stores where datasets found the file, as an absolute path; other
+            # formats' absolute paths arrive the same way (mpo.data.formats). MMPR's own strings
+            # stay relative to the root.
+            return Path(value)
     return resolve_media(root, value, where, field, follow_symlinks)
 
 
@@ -219,7 +247,11 @@ class PairEncoder:
             raise SampleError(
                 f"{where}: fields 'chosen' and 'rejected' are identical", "chosen_equals_rejected"
             )
-        for field, text in (("question", question), ("chosen", chosen), ("rejected", rejected)):
+        history, system = _prompt_context(obj, where)
+        texts = [("question", question), ("chosen", chosen), ("rejected", rejected)]
+        texts += [(f"history[{k}][{j}]", t) for k, turn in enumerate(history) for j, t in enumerate(turn)]
+        texts += [("system", system)] if system is not None else []
+        for field, text in texts:
             # Structural tokens the template and the image expansion insert; never taken from the data.
             found = next((t for t in self.template.reserved_tokens if t in text), None)
             if found:
@@ -231,14 +263,18 @@ class PairEncoder:
                     "reserved_token",
                 )
         kind, pixel_values, tiles = self.images(spec, obj, where, rng)
+        # The user turns, oldest first: media placeholders may sit in any of them.
+        users = [user for user, _ in history] + [question]
         try:
             if kind == "video":
-                question = expand_video_placeholder(question, len(tiles))
-            expanded = expand_image_placeholders(question, [n * self.vision.tokens_per_tile for n in tiles])
+                users[0] = expand_video_placeholder(users[0], len(tiles))
+            users = expand_placeholders_in_turns(users, [n * self.vision.tokens_per_tile for n in tiles])
         except TemplateError as exc:
-            raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
+            field = "question" if not history else "question'/'history"
+            raise SampleError(f"{where}: field '{field}': {exc}", "placeholder_mismatch") from exc
         try:
-            prompt = self.template.encode_prompt(expanded)
+            earlier = [(user, answer) for user, (_, answer) in zip(users, history)]
+            prompt = self.template.encode_prompt(users[-1], earlier, system)
             answers = {
                 "chosen": self.template.encode_answer(chosen),
                 "rejected": self.template.encode_answer(rejected),
