@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": (
         "mpo.data.cli",
         "cmd_data",
-        "check | inspect: validate MMPR data, show a pair as the model sees it",
+        "check | inspect | convert: validate data, show a pair as the model sees it, convert formats",
     ),
     "precompute-ref": ("mpo.cli", "cmd_precompute_ref", "cache reference log-probs (model.reference=cache)"),
     "report": ("mpo.report", "cmd_report", "HTML report + plots from metrics.jsonl, with a verdict"),
