@@ -150,12 +150,13 @@ def rises(series: dict[str, list[tuple[int, float]]]) -> list[Rise]:
             continue
         (s0, v0), (s1, v1) = pts[0], pts[-1]
         metric = key.rsplit("/", 1)[-1]
+        tol = 1e-9  # thresholds are inclusive: 1.0 - 0.8 is 0.19999999999999996 in floats
         if metric == "limit_share":
-            bad = v1 - v0 >= 0.25 and v1 >= 0.25
+            bad = v1 - v0 >= 0.25 - tol and v1 >= 0.25 - tol
         elif metric == "longest_run":
             bad = v1 >= 4 and v1 >= 2 * max(v0, 1.0)
         elif metric == "distinct2":
-            bad = v0 - v1 >= 0.2
+            bad = v0 - v1 >= 0.2 - tol
         else:
             continue
         if bad:
