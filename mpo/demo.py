@@ -107,14 +107,15 @@ def write_demo_data(
 BENCHMARK_COLUMNS = ("index", "question", "A", "B", "C", "D", "answer", "category", "image")
 
 
-def write_demo_benchmark(data_dir: str | Path, out_name: str = "benchmark.tsv", seed: int = 0) -> Path:
+def write_demo_benchmark(data_dir: str | Path, out_name: str = "shapes.tsv", seed: int = 0) -> Path:
     """A multiple-choice benchmark in VLMEvalKit's TSV layout from the demo's held-out pairs.
 
-    One question per line of ``eval.jsonl``: "What color is the shape?" with four colours as
-    options (category ``shape color``) or "What color is the background?" with the three
-    backgrounds (``background color``), the image inlined as base64, the right option's letter in
-    ``answer``. The images are the held-out ones, never trained on. Options are shuffled with
-    ``seed``, so the right letter is spread over A-D.
+    One question per line of ``eval.jsonl``, in the demo's own wording (the tiny model knows no
+    other): "What color is the shape? Answer with one word." with four colours as options
+    (category ``shape color``) or "What color is the background?" with the three backgrounds
+    (``background color``), the image inlined as base64, the right option's letter in ``answer``.
+    The images are the held-out ones, never trained on. Options are shuffled with ``seed``, so the
+    right letter is spread over A-D.
     """
     data = Path(data_dir)
     rng = random.Random(seed)
@@ -123,7 +124,7 @@ def write_demo_benchmark(data_dir: str | Path, out_name: str = "benchmark.tsv", 
         pair = json.loads(line)
         truth = pair["answer_gt"]
         if truth in COLORS:
-            question, category = "What color is the shape?", "shape color"
+            question, category = "What color is the shape? Answer with one word.", "shape color"
             options = [truth, *rng.sample([c for c in COLORS if c != truth], 3)]
         else:
             question, category = "What color is the background?", "background color"

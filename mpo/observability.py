@@ -96,6 +96,15 @@ def configure_loggers(training: dict[str, Any], extras, cfg_dict: dict[str, Any]
         os.environ["WANDB_MODE"] = wandb_mode()
 
 
+def log_from_callback(trainer, logs: dict[str, float]) -> None:
+    """``trainer.log(logs)`` from inside another callback event, keeping the step's own decision to
+    log: ``CallbackHandler.on_log`` clears ``control.should_log`` on the shared control object, which
+    would silently drop the training log of the step that just ran."""
+    should_log = trainer.control.should_log
+    trainer.log(logs)
+    trainer.control.should_log = should_log
+
+
 class MPOWandbCallback(WandbCallback):
     """transformers' WandbCallback, but the run is created with our name, tags, folder and config.
 
@@ -431,7 +440,7 @@ class SampleGenerationCallback(TrainerCallback):
         if state.is_world_process_zero:
             self._write(state.global_step, answers)
             # Repetition alarm numbers (mpo.repetition), read by `mpo report` against step 0.
-            self.trainer.log({f"samples/{k}": v for k, v in summarize(answers).items()})
+            log_from_callback(self.trainer, {f"samples/{k}": v for k, v in summarize(answers).items()})
 
     def _write(self, step: int, answers: list[Generation]) -> None:
         now = time.time()
@@ -535,7 +544,7 @@ class BenchmarkEvalCallback(TrainerCallback):
             with open(path, "a", encoding="utf-8") as f:
                 for r in rows:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        self.trainer.log(logs)
+        log_from_callback(self.trainer, logs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._run(state, model)

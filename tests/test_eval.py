@@ -411,6 +411,20 @@ def test_benchmark_metrics_during_training_and_in_the_report(tiny_config, bench_
     run_training(cfg)
     out = Path(cfg.training["output_dir"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # Answering changes nothing in training, and every step keeps its own log (logging_steps=1):
+    # the same losses and δ, bit for bit, as a run without benchmarks or samples.
+    plain = tiny_config(
+        "training.save_steps=100", "training.eval_strategy=no", f"training.output_dir={out}-plain"
+    )
+    run_training(plain)
+    plain_rows = [json.loads(x) for x in Path(f"{out}-plain/metrics.jsonl").read_text().splitlines()]
+
+    def train_logs(rs):
+        return [
+            (r["step"], r["loss"], r["bco/delta"]) for r in rs if "loss" in r and "train_runtime" not in r
+        ]
+
+    assert [s for s, _, _ in train_logs(rows)] == [1, 2, 3, 4] and train_logs(rows) == train_logs(plain_rows)
     bench_rows = [r for r in rows if "bench/mini/accuracy" in r]
     assert [r["step"] for r in bench_rows] == [0, 2, 4]
     for r in bench_rows:
@@ -424,3 +438,52 @@ def test_benchmark_metrics_during_training_and_in_the_report(tiny_config, bench_
     rep = write_report(out)
     assert "bench_mini" in rep.plots and "repetition" in rep.plots
     assert any(f.check == "benchmarks" for f in rep.findings)
+
+
+@pytest.mark.slow
+def test_zero3_ranks_answer_the_benchmark_like_one_process(tiny_model_dir, demo_data, bench_file, tmp_path):
+    """Under the deepspeed launcher with ZeRO-3 (parameters sharded: every rank must join every
+    forward), two ranks answer their halves of the benchmark (one text-only question, so one
+    rank needs a stand-in image) and log exactly the answers of one process at step 0."""
+    from test_distributed import _deepspeed, _train  # tests/ is on sys.path under pytest
+
+    common = [
+        f"model.path={tiny_model_dir}",
+        f"data.meta_path={demo_data['train']}",
+        "data.eval_meta_path=null",
+        "training.max_steps=1",
+        "training.save_steps=100",
+        "training.eval_strategy=no",
+        "training.sample_steps=0",
+        "training.disable_tqdm=true",
+        "training.dataloader_num_workers=0",
+        f"training.eval_benchmarks=[{bench_file}]",
+        "training.eval_benchmark_batch_size=1",  # no padding: the same arithmetic per question
+        "training.eval_benchmark_max_new_tokens=4",
+    ]
+    one, two = tmp_path / "one", tmp_path / "zero3"
+    _train(
+        [
+            *common,
+            "training.per_device_train_batch_size=2",
+            "training.use_cpu=true",
+            f"training.output_dir={one}",
+        ]
+    )
+    _train(
+        [
+            *common,
+            "training.per_device_train_batch_size=1",
+            _deepspeed("zero3"),
+            f"training.output_dir={two}",
+        ],
+        ranks=2,
+    )
+
+    def step0(run):
+        rows = [json.loads(x) for x in (run / "benchmarks.jsonl").read_text().splitlines()]
+        return [(r["index"], r["prediction"], r["num_tokens"]) for r in rows if r["step"] == 0]
+
+    assert len(step0(one)) == 5 and step0(two) == step0(one)
+    metrics = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if "bench/mini/accuracy" in r] == [0, 1]
