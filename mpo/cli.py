@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("mpo.report", "cmd_report", "HTML report + plots from metrics.jsonl, with a verdict"),
     "summary": ("mpo.cli", "cmd_summary", "a finished run's summary"),
     "generate": ("mpo.model.cli", "cmd_generate", "greedy answer from a model"),
-    "eval": ("mpo.eval", "cmd_eval", "accuracy on VLMEvalKit-style TSV benchmarks (greedy, batched)"),
+    "eval": ("mpo.model.cli", "cmd_eval", "accuracy on VLMEvalKit-style TSV benchmarks (greedy, batched)"),
     "consolidate": ("mpo.consolidate", "cmd_consolidate", "ZeRO shards -> one HF-format model"),
     "convert": ("mpo.model.cli", "cmd_convert", "checkpoint format conversion (native <-> original)"),
     "export": ("mpo.model.cli", "cmd_export", "a deployable folder (LoRA merged)"),

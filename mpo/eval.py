@@ -21,22 +21,19 @@ the last number in the output (commas as thousands separators, signs, units igno
 with the expected one; a text answer matches when the normalised output (lower case, no
 punctuation or articles, VQA-style) equals the expected one or begins or ends with it.
 
-Pure Python: generation is ``mpo.eval_model``; ``mpo eval`` is :func:`cmd_eval`.
+Pure Python: generation is ``mpo.eval_model``; ``mpo eval`` is ``mpo.model.cli.cmd_eval``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import base64
 import binascii
 import csv
 import io
-import json
 import math
 import re
 import string
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -377,51 +374,6 @@ def format_result(name: str, metrics: dict[str, float], n: int) -> str:
         + (f" | per category: {', '.join(cats)}" if cats else "")
         + (f" | repetition: {', '.join(rep)}" if rep else "")
     )
-
-
-# ---- mpo eval ---------------------------------------------------------------------------------
-def cmd_eval(argv: list[str]) -> int:
-    """``mpo eval --model DIR --benchmark FILE``: greedy answers with the training template, scored."""
-    p = argparse.ArgumentParser(
-        prog="mpo eval",
-        description="Accuracy of a model on VLMEvalKit-style TSV benchmarks (greedy, batched)",
-    )
-    p.add_argument(
-        "--model", required=True, help="model folder (native, original, or a LoRA adapter: merged)"
-    )
-    p.add_argument("--benchmark", required=True, action="append", help="a .tsv file; repeat for several")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--limit", type=int, default=0, help="first N questions of each benchmark (0: all)")
-    p.add_argument("--template", default="auto", help="chat template (auto: the checkpoint's)")
-    p.add_argument("--system-message", default=None, help="system prompt (default: the template's)")
-    p.add_argument(
-        "--max-dynamic-patch", type=int, default=12, help="tiles per question (split among its images)"
-    )
-    p.add_argument("--mc-prompt", default=MC_PROMPT, help="instruction after a multiple-choice question")
-    p.add_argument("--open-prompt", default=OPEN_PROMPT, help="instruction after a short-answer question")
-    p.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", default=None, help="write every question's answer and score here (JSONL)")
-    p.add_argument("--json", action="store_true", help="one JSON object per benchmark instead of a line")
-    a = p.parse_args(argv)
-    for name in ("batch_size", "max_new_tokens", "max_dynamic_patch"):
-        if getattr(a, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    from mpo.eval_model import evaluate_model_dir
-    from mpo.model.loading import ModelLoadError
-
-    try:
-        results = evaluate_model_dir(a)
-    except (DataError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for res in results:
-        if a.json:
-            print(json.dumps({"benchmark": res["name"], "questions": res["n"], **res["metrics"]}))
-        else:
-            print(format_result(res["name"], res["metrics"], res["n"]))
-    return 0
 
 
 def answer_rows(

@@ -204,7 +204,8 @@ def evaluate(
 
 
 def evaluate_model_dir(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``mpo eval``: load the model once, answer every benchmark, write ``--out`` if asked."""
+    """``mpo eval`` (``mpo.model.cli.cmd_eval``): load the model once, answer every benchmark, write
+    ``--out`` if asked."""
     from mpo.model.export import load_merged
     from mpo.model.loading import check_model_path, load_tokenizer
 
