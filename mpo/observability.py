@@ -335,6 +335,16 @@ def prompt_from_item(item: dict[str, Any]) -> torch.Tensor:
     return item["chosen_input_ids"][: int(trained[0, 0])]
 
 
+def _image_label(value: Any) -> Any:
+    """A record's ``image`` as samples.jsonl can hold it: paths as they are; images stored inside the
+    data (HF ``Image`` bytes, base64 data URLs read by ``mpo.data.formats``) by their path or a mark."""
+    if isinstance(value, list):
+        return [_image_label(v) for v in value]
+    if isinstance(value, dict):
+        return value.get("path") or "<image stored in the data>"
+    return value
+
+
 class SampleGenerationCallback(TrainerCallback):
     """Greedy answers to fixed held-out prompts at the start, every ``extras.sample_steps`` steps and at the end.
 
@@ -378,7 +388,7 @@ class SampleGenerationCallback(TrainerCallback):
                     "dataset": item["dataset"],
                     "line": item["line"],
                     "question": record.get("question", ""),
-                    "image": record.get("image"),
+                    "image": _image_label(record.get("image")),
                     "chosen": record.get("chosen", ""),
                     "rejected": record.get("rejected", ""),
                     "input_ids": prompt_from_item(item),

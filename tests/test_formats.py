@@ -664,3 +664,12 @@ def test_inspect_shows_the_same_pair_from_mmpr_and_each_format(tmp_path, tiny_mo
     for name in ("trl", "swift", "llamafactory"):
         assert printed[name] == printed["mmpr"], name
     assert np.isfinite(printed["mmpr"][0]["pixel_stats"]["sum"])
+
+
+def test_sample_log_names_images_stored_inside_the_data():
+    """samples.jsonl holds JSON: an image read as bytes (HF Image column, data URL) is named, not dumped."""
+    from mpo.observability import _image_label
+
+    value = [{"bytes": b"\x89PNG", "path": None}, "img/a.png", {"bytes": None, "path": "/abs/b.png"}]
+    assert _image_label(value) == ["<image stored in the data>", "img/a.png", "/abs/b.png"]
+    json.dumps(_image_label(value))
