@@ -127,7 +127,7 @@ def detect(record: dict) -> str | None:
 
 
 def describe_fields(record: dict, formats: tuple[str, ...] = FORMATS) -> str:
-    """ "expected ...; found fields: ..." for a record that fits none of ``formats``."""
+    """The "expected ...; found fields: ..." part of the error for a record that fits none of ``formats``."""
     expected = "; ".join(f"{f}: {EXPECTED[f]}" for f in formats)
     found = ", ".join(k for k in record if _present(record, k)) or "none"
     return f"expected the fields of {expected}; found fields: {found}"
