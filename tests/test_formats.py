@@ -660,6 +660,9 @@ def test_inspect_shows_the_same_pair_from_mmpr_and_each_format(tmp_path, tiny_mo
         assert main(["data", "inspect", "--config", str(cfg), "--index", "all", "--json"]) == 0
         rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
         printed[name] = [{k: v for k, v in r.items() if k not in ("dataset", "line")} for r in rows]
+        assert main(["data", "check", "--config", str(cfg), "--json"]) == 0
+        (checked,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert checked["ok"] and checked["formats"] == {path.stem: name}
     assert len(printed["mmpr"]) == 4 and printed["mmpr"][3]["num_tiles"] == [1]
     for name in ("trl", "swift", "llamafactory"):
         assert printed[name] == printed["mmpr"], name
