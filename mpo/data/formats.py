@@ -108,7 +108,9 @@ def detect(record: dict) -> str | None:
     MMPR's, ``messages`` ms-swift's, ``conversations``/``instruction`` LLaMA-Factory's, ``prompt``
     TRL's), so reading it then names the missing field.
     """
-    has = lambda key: _present(record, key)  # noqa: E731
+    # A field written as null still says which format the record is in (reading it then says the
+    # null is wrong); an Arrow table only has the columns its format has.
+    has = lambda key: key in record  # noqa: E731
     if has("question"):
         return "mmpr"
     if (
@@ -129,7 +131,7 @@ def detect(record: dict) -> str | None:
 def describe_fields(record: dict, formats: tuple[str, ...] = FORMATS) -> str:
     """The "expected ...; found fields: ..." part of the error for a record that fits none of ``formats``."""
     expected = "; ".join(f"{f}: {EXPECTED[f]}" for f in formats)
-    found = ", ".join(k for k in record if _present(record, k)) or "none"
+    found = ", ".join(record) or "none"
     return f"expected the fields of {expected}; found fields: {found}"
 
 
