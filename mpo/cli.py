@@ -20,12 +20,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": (
         "mpo.data.cli",
         "cmd_data",
-        "check | inspect | index: validate MMPR data, show a pair as the model sees it, cache pair lengths",
+        "check | inspect | index | convert: validate data, show a pair as the model sees it, cache pair lengths, convert formats",
     ),
     "precompute-ref": ("mpo.cli", "cmd_precompute_ref", "cache reference log-probs (model.reference=cache)"),
     "report": ("mpo.report", "cmd_report", "HTML report + plots from metrics.jsonl, with a verdict"),
     "summary": ("mpo.cli", "cmd_summary", "a finished run's summary"),
     "generate": ("mpo.model.cli", "cmd_generate", "greedy answer from a model"),
+    "eval": ("mpo.model.cli", "cmd_eval", "accuracy on VLMEvalKit-style TSV benchmarks (greedy, batched)"),
     "consolidate": ("mpo.consolidate", "cmd_consolidate", "ZeRO shards -> one HF-format model"),
     "convert": ("mpo.model.cli", "cmd_convert", "checkpoint format conversion (native <-> original)"),
     "export": ("mpo.model.cli", "cmd_export", "a deployable folder (LoRA merged)"),
@@ -41,6 +42,8 @@ USAGE = """usage: mpo COMMAND [ARGS]
   mpo precompute-ref --config X model.ref_cache=DIR cache reference log-probs
   mpo report RUN_DIR | mpo summary RUN_DIR          a run's report / summary
   mpo generate --model DIR --image X --question Q   greedy answer from a model
+  mpo eval --model DIR --benchmark FILE.tsv         benchmark accuracy (VLMEvalKit TSV layout)
+  mpo data convert --from trl|llamafactory|swift IN OUT   other formats -> MMPR meta + JSONL
   mpo consolidate CKPT OUT | convert | export       model folders
 
 `mpo COMMAND --help` describes each."""

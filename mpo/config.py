@@ -125,6 +125,12 @@ class LossConfig:
     )
 
 
+# Benchmark answer instructions: InternVL's own evaluation prompts (internvl_chat/eval/mmbench/
+# evaluate_mmbench.py for multiple choice, internvl_chat/eval/vqa/evaluate_vqa.py for short answers).
+BENCHMARK_MC_PROMPT = "Answer with the option's letter from the given choices directly."
+BENCHMARK_OPEN_PROMPT = "Answer the question using a single word or phrase."
+
+
 @dataclass
 class RunExtras:
     """MPO-only run settings that sit in the ``training`` section beside TrainingArguments fields."""
@@ -133,6 +139,21 @@ class RunExtras:
     sample_num_prompts: int = opt(4, "prompts for sample_steps")
     sample_max_new_tokens: int = opt(32, "tokens per sampled answer")
     run_tags: list[str] = opt([], "wandb tags")
+    eval_benchmarks: list[str] = opt(
+        [], "VLMEvalKit-style TSV benchmarks answered greedily during training (accuracy into metrics.jsonl)"
+    )
+    eval_benchmark_steps: int = opt(
+        0, "benchmark every N steps, besides the start and the end (0: those two only)"
+    )
+    eval_benchmark_max_new_tokens: int = opt(32, "tokens per benchmark answer")
+    eval_benchmark_batch_size: int = opt(8, "questions per generate call (per process)")
+    eval_benchmark_limit: int = opt(0, "answer only the first N questions of each benchmark (0: all)")
+    eval_benchmark_mc_prompt: str = opt(
+        BENCHMARK_MC_PROMPT, "instruction after a multiple-choice question (InternVL's MMBench prompt)"
+    )
+    eval_benchmark_open_prompt: str = opt(
+        BENCHMARK_OPEN_PROMPT, "instruction after a short-answer question (InternVL's VQA prompt)"
+    )
     overwrite_output_dir: bool = opt(
         False, "a fresh run into an output_dir holding another run's outputs deletes them (else refused)"
     )
@@ -449,8 +470,32 @@ def training_problems(cfg: ExperimentConfig) -> list[str]:
     for key in ("save_steps", "logging_steps", "eval_steps"):
         if isinstance(t.get(key), (int, float)) and t[key] <= 0:
             problems.append(f"training.{key} must be > 0, got {t[key]}")
+    problems += benchmark_problems(cfg.extras)
     if t.get("remove_unused_columns", False):
         problems.append("training.remove_unused_columns must stay false: MPO batches carry custom columns")
+    return problems
+
+
+def benchmark_problems(x: RunExtras) -> list[str]:
+    """Rules on ``training.eval_benchmark*``: .tsv files with distinct names, sane numbers. (Like the
+    data paths, the files themselves are read when the run is built: ``mpo.eval.read_benchmark``.)"""
+    problems = []
+    for path in x.eval_benchmarks:
+        if Path(path).suffix.lower() != ".tsv":
+            problems.append(
+                f"training.eval_benchmarks: {path} is not a .tsv file (VLMEvalKit's benchmark layout)"
+            )
+    stems = [Path(p).stem for p in x.eval_benchmarks]
+    if len(set(stems)) != len(stems):
+        problems.append(
+            f"training.eval_benchmarks: file names must differ (metrics are named bench/<name>/...), got {stems}"
+        )
+    for key in ("eval_benchmark_max_new_tokens", "eval_benchmark_batch_size"):
+        if getattr(x, key) < 1:
+            problems.append(f"training.{key} must be >= 1, got {getattr(x, key)}")
+    for key in ("eval_benchmark_steps", "eval_benchmark_limit"):
+        if getattr(x, key) < 0:
+            problems.append(f"training.{key} must be >= 0, got {getattr(x, key)}")
     return problems
 
 

@@ -104,10 +104,12 @@ def test_two_ranks_match_single_process(common, single_process, tmp_path, stage)
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2
     _assert_same_losses(out, single_process, [1, 2, 3])
-    # Only rank 0 writes: exactly one training line per step (and one train-end line).
+    # Only rank 0 writes: exactly one training line per step (and one train-end line), and the
+    # sampled answers' repetition numbers at the start and the end (demo.yaml samples).
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r and "train_runtime" not in r] == [1, 2, 3]
-    assert len(lines) == 4
+    assert [r["step"] for r in lines if "samples/limit_share" in r] == [0, 3]
+    assert len(lines) == 4 + 2
     from transformers import InternVLForConditionalGeneration
 
     from mpo.checkpoints import COMPLETE_MARKER

@@ -258,3 +258,88 @@ def test_two_runs_in_one_metrics_file_are_flagged(tmp_path):
     assert len(found) == 1 and found[0].level == "warn"
     last = synthetic_run("healthy")[-1]["step"]
     assert f"goes back from {last} to {synthetic_run('healthy')[0]['step']}" in found[0].detail
+
+
+# ---- repetition alarm and benchmarks -------------------------------------------------------------
+HEALTHY_ANSWERS = ["The shape is green.", "The background is black."]
+LOOPING_ANSWERS = ["The shape is green. The shape is green. The shape is green. The", "black " * 12]
+
+
+def _with_generations(run: Path, late_answers: list[str], accuracy: tuple[float, float]) -> None:
+    """Samples at steps 0 and 40 (healthy, then ``late_answers``) and a benchmark ``shapes``,
+    logged as SampleGenerationCallback / BenchmarkEvalCallback write them."""
+    from mpo.repetition import Generation, summarize
+
+    samples, answers = [], []
+    with open(run / "metrics.jsonl", "a") as f:
+        for step, texts, acc in ((0, HEALTHY_ANSWERS, accuracy[0]), (40, late_answers, accuracy[1])):
+            gens = [Generation(t, hit_limit=len(t) > 40) for t in texts]
+            row = {"step": step, "epoch": step / 100, "time": 2000.0 + step}
+            row |= {f"samples/{k}": v for k, v in summarize(gens).items()}
+            f.write(json.dumps(row) + "\n")
+            bench = {"step": step, "bench/shapes/accuracy": acc, "bench/shapes/accuracy/shape_color": acc}
+            bench |= {f"bench/shapes/{k}": v for k, v in summarize(gens).items()}
+            f.write(json.dumps(bench) + "\n")
+            for pid, g in enumerate(gens):
+                samples.append(
+                    {
+                        "step": step,
+                        "prompt_id": pid,
+                        "question": "q",
+                        "generated": g.text,
+                        "hit_limit": g.hit_limit,
+                    }
+                )
+                answers.append(
+                    {
+                        "step": step,
+                        "benchmark": "shapes",
+                        "index": str(pid),
+                        "question": "q",
+                        "answer": "A",
+                        "prediction": g.text,
+                        "extracted": None,
+                        "correct": False,
+                        "hit_limit": g.hit_limit,
+                    }
+                )
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (run / "benchmarks.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+
+
+def test_repetition_rise_is_flagged_with_the_worst_sample(tmp_path):
+    run = write_run(tmp_path, "healthy")
+    _with_generations(run, LOOPING_ANSWERS, (0.25, 0.75))
+    rep = write_report(run)
+    (rep_finding,) = [f for f in rep.findings if f.check == "repetition"]
+    assert rep_finding.level == "warn"
+    # both sources rose: limit share 0 -> 1 (both late answers run past 40 characters), runs 1 -> 12
+    assert "samples: limit_share 0 → 1 (step 0 → 40)" in rep_finding.detail
+    assert "longest_run 1 → 12" in rep_finding.detail and "bench/shapes:" in rep_finding.detail
+    assert (
+        'Worst at step 40 (prompt 1: 12 copies in a row, ran out of tokens): "black black'
+        in rep_finding.detail
+    )
+    assert "Worst at step 40 (question 1: 12 copies" in rep_finding.detail
+    assert {"bench_shapes", "repetition", "repetition_runs"} <= set(rep.plots)
+    page = rep.html.read_text()
+    assert "Generations became repetitive" in page and "(ran out of tokens)" in page
+    assert "<h3>shapes at step 40" in page
+
+
+def test_healthy_generations_and_rising_accuracy_are_not_flagged(tmp_path):
+    run = write_run(tmp_path, "healthy")
+    _with_generations(run, ["The shape is red.", "The background is gray."], (0.25, 0.75))
+    found = verdict(run)
+    m = read_metrics(run / "metrics.jsonl")
+    m.samples = []
+    assert not levels(found, "warn") and not levels(found, "bad")
+    (bench,) = [f for f in found if f.check == "benchmarks"]
+    assert bench.detail == "shapes 0.250 → 0.750 (step 0 → 40)."
+    assert len(m.generation) == 4 and len(m.train) == 41  # generation rows are not training logs
+
+
+def test_falling_benchmark_accuracy_is_flagged(tmp_path):
+    run = write_run(tmp_path, "healthy")
+    _with_generations(run, HEALTHY_ANSWERS, (0.75, 0.5))
+    assert "benchmark_drop" in levels(verdict(run), "warn")

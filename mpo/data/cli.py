@@ -3,9 +3,11 @@
     mpo data check --config X [--json] [--out DIR] [key.sub=value ...]
     mpo data inspect --config X --index I|all [--epoch E] --json [key.sub=value ...]
     mpo data index --config X [--rebuild] [--json] [key.sub=value ...]
+    mpo data convert --from trl|llamafactory|swift IN OUT [--name N] [--root DIR] [--on-bad skip]
 
-All read the tokenizer and the model's ``config.json`` (for tile size and tokens per tile); no
-model weights are loaded.
+``check``, ``inspect`` and ``index`` read the tokenizer and the model's ``config.json`` (for tile
+size and tokens per tile); no model weights are loaded. ``convert`` needs no model
+(``mpo.data.convert``).
 """
 
 from __future__ import annotations
@@ -91,11 +93,13 @@ def check_dataset(meta_path: str, tokenizer, vision, data_cfg) -> dict[str, Any]
     counts = ds.source.counts()
     for name, stats in per_dataset.items():
         stats["pairs_after_repeat"] = counts.get(name, 0)
+    formats = {spec.name: fmt for spec, fmt in zip(ds.source.specs, ds.source.formats)}
     return {
         "meta_path": str(meta_path),
         "ok": ok,
         "problem": problem,
         "datasets": {k: dict(v) for k, v in per_dataset.items()},
+        "formats": formats,  # what each dataset was read as (mpo.data.formats)
         "pairs": len(ds),
         "token_lengths": percentiles(lengths),
         "video_frames": video_frame_stats(frames, frame_limits),
@@ -134,7 +138,7 @@ def _format_check(res: dict[str, Any]) -> str:
     ]
     for name, s in res["datasets"].items():
         lines.append(
-            f"  {name}: lines {s.get('lines', 0)}, valid {s.get('valid_lines', 0)}, skipped {s.get('skipped', 0)}, "
+            f"  {name} ({res['formats'].get(name)}): lines {s.get('lines', 0)}, valid {s.get('valid_lines', 0)}, skipped {s.get('skipped', 0)}, "
             f"images {s.get('images', 0)}, tiles {s.get('tiles', 0)}, pairs after repeat {s.get('pairs_after_repeat', 0)}"
             + (f", videos {s['videos']}" if s.get("videos") else "")
         )
@@ -311,7 +315,43 @@ def cmd_index(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"check": cmd_check, "inspect": cmd_inspect, "index": cmd_index}
+def cmd_convert(argv: list[str]) -> int:
+    """``mpo data convert``: TRL / LLaMA-Factory / ms-swift preference data -> MMPR meta + JSONL."""
+    p = argparse.ArgumentParser(
+        prog="mpo data convert",
+        description="Write another project's preference data as MMPR files (meta.json + JSONL)",
+    )
+    p.add_argument("--from", dest="fmt", required=True, choices=["trl", "llamafactory", "swift"])
+    p.add_argument(
+        "source", help="a .jsonl/.json/.parquet/.arrow file, a datasets folder, or a dataset_info.json"
+    )
+    p.add_argument("out_dir", help="folder to write meta.json, <dataset>.jsonl and images/ into")
+    p.add_argument("--name", default=None, help="dataset name in meta.json (default: the file's stem)")
+    p.add_argument(
+        "--root", default=None, help="folder relative media paths resolve against (default: IN's folder)"
+    )
+    p.add_argument(
+        "--on-bad", choices=["error", "skip"], default="error", help="a bad record stops, or is counted"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/meta.json")
+    a = p.parse_args(argv)
+    from mpo.data.convert import convert
+    from mpo.data.mmpr import DataError
+
+    try:
+        rep = convert(a.source, a.fmt, a.out_dir, a.name, a.root, a.on_bad, a.overwrite)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, n in rep.written.items():
+        print(f"{name}: {n} pairs")
+    for reason, n in rep.skipped.items():
+        print(f"skipped {n} ({reason}), first: {rep.examples[reason]}")
+    print(f"meta: {rep.meta_path}")
+    return 0
+
+
+SUBCOMMANDS = {"check": cmd_check, "inspect": cmd_inspect, "index": cmd_index, "convert": cmd_convert}
 
 
 def cmd_data(argv: list[str]) -> int:

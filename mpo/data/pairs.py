@@ -29,6 +29,7 @@ from mpo.data.template import (
     TemplateEncoder,
     TemplateError,
     expand_image_placeholders,
+    expand_placeholders_in_turns,
     expand_video_placeholder,
 )
 from mpo.data.tiling import VisionSpec, count_tiles, per_image_budget, tile_image
@@ -60,6 +61,29 @@ def _text_field(obj: dict, key: str, where: str) -> str:
     if key != "question" and not value.strip():
         raise SampleError(f"{where}: field '{key}' is empty", f"empty_{key}")
     return value
+
+
+def _prompt_context(obj: dict, where: str) -> tuple[list[tuple[str, str]], str | None]:
+    """A record's optional earlier turns and own system prompt (``history``, ``system``).
+
+    ``history`` is ``[[user, assistant], ...]``, oldest first (multi-turn prompts read from other
+    formats, ``mpo.data.formats``); ``system`` replaces ``data.system_message`` for this pair.
+    """
+    history, system = obj.get("history"), obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise SampleError(
+            f"{where}: field 'system' must be a string, got {type(system).__name__}", "bad_system"
+        )
+    if history is None:
+        return [], system
+    if not isinstance(history, list) or not all(
+        isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+        for turn in history
+    ):
+        raise SampleError(
+            f"{where}: field 'history' must be a list of [user, assistant] string pairs", "bad_history"
+        )
+    return [(user, answer) for user, answer in history], system
 
 
 def resolve_media(root: Path, rel: Any, where: str, field: str, follow_symlinks: bool = False) -> Path:
@@ -96,6 +120,11 @@ def media_source(
         return value["bytes"]
     if isinstance(value, dict) and value.get("path"):
         value = value["path"]
+        if isinstance(value, str) and os.path.isabs(value):
+            # A HF Image column stores where datasets found the file, as an absolute path; other
+            # formats' absolute paths arrive the same way (mpo.data.formats). MMPR's own strings
+            # stay relative to the root.
+            return Path(value)
     return resolve_media(root, value, where, field, follow_symlinks)
 
 
@@ -213,7 +242,11 @@ class PairEncoder:
             raise SampleError(
                 f"{where}: fields 'chosen' and 'rejected' are identical", "chosen_equals_rejected"
             )
-        for field, text in (("question", question), ("chosen", chosen), ("rejected", rejected)):
+        history, system = _prompt_context(obj, where)
+        texts = [("question", question), ("chosen", chosen), ("rejected", rejected)]
+        texts += [(f"history[{k}][{j}]", t) for k, turn in enumerate(history) for j, t in enumerate(turn)]
+        texts += [("system", system)] if system is not None else []
+        for field, text in texts:
             # Structural tokens the template and the image expansion insert; never taken from the data.
             found = next((t for t in self.template.reserved_tokens if t in text), None)
             if found:
@@ -231,16 +264,27 @@ class PairEncoder:
             }
         except TemplateError as exc:
             raise SampleError(f"{where}: field 'chosen'/'rejected': {exc}", "bad_answer") from exc
+        # The user turns, oldest first: media placeholders may sit in any of them.
+        users = [user for user, _ in history] + [question]
         video = None
         if media_entries(obj, where)[0] == "video":
-            # The frame count depends on the room the text leaves, so the answers come first.
-            longest = max(len(ids) for ids, _ in answers.values())
-            pixel_values, question, video = self.video(spec, obj, question, longest, where, rng)
+            # The frame count depends on the room the text leaves, so the answers come first; the
+            # video sits in the first user turn, the other turns and the system prompt take room too.
+            others = len(self.template.encode_prompt(question, history, system)) - len(
+                self.template.encode_prompt(users[0])
+            )
+            longest = max(len(ids) for ids, _ in answers.values()) + others
+            pixel_values, users[0], video = self.video(spec, obj, users[0], longest, where, rng)
             tiles = [1] * video["frames"]
         else:
             _, pixel_values, tiles = self.images(spec, obj, where, rng)
-        expanded = self._expand(question, [n * self.vision.tokens_per_tile for n in tiles], where)
-        prompt = self.template.encode_prompt(expanded)
+        try:
+            users = expand_placeholders_in_turns(users, [n * self.vision.tokens_per_tile for n in tiles])
+        except TemplateError as exc:
+            field = "question" if not history else "question'/'history"
+            raise SampleError(f"{where}: field '{field}': {exc}", "placeholder_mismatch") from exc
+        earlier = [(user, answer) for user, (_, answer) in zip(users, history)]
+        prompt = self.template.encode_prompt(users[-1], earlier, system)
         out: dict[str, Any] = {
             "pixel_values": pixel_values,
             "num_tiles": tiles,

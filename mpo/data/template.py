@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,34 @@ def expand_image_placeholders(question: str, image_token_counts: list[int]) -> s
     return question
 
 
+def expand_placeholders_in_turns(user_texts: list[str], image_token_counts: list[int]) -> list[str]:
+    """:func:`expand_image_placeholders` over the user turns of a multi-turn prompt, oldest first.
+
+    Placeholders are counted over all turns and filled in order; a single image without a
+    placeholder anywhere gets ``<image>\\n`` in front of the first turn (InternVL's
+    ``internvl_chat_finetune.py`` prefixes ``conversations[0]``).
+
+    Raises:
+        TemplateError: when the placeholder count over all turns differs from the image count.
+    """
+    if len(user_texts) == 1:
+        return [expand_image_placeholders(user_texts[0], image_token_counts)]
+    counts = [t.count(IMAGE_PLACEHOLDER) for t in user_texts]
+    if sum(counts) != len(image_token_counts) and not (len(image_token_counts) == 1 and sum(counts) == 0):
+        raise TemplateError(
+            f"the prompt's turns have {sum(counts)} '<image>' placeholder(s) but the sample has "
+            f"{len(image_token_counts)} image(s)"
+        )
+    if sum(counts) == 0 and image_token_counts:
+        counts[0] = 1
+        user_texts = [IMAGE_PLACEHOLDER + "\n" + user_texts[0], *user_texts[1:]]
+    out, used = [], 0
+    for text, k in zip(user_texts, counts):
+        out.append(expand_image_placeholders(text, image_token_counts[used : used + k]) if k else text)
+        used += k
+    return out
+
+
 def expand_video_placeholder(question: str, num_frames: int) -> str:
     """Put one ``Frame{i}: <image>\\n`` line per frame where ``<video>`` stands (or in front).
 
@@ -284,13 +313,41 @@ class TemplateEncoder:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_prompt(self, question_expanded: str) -> list[int]:
-        """BOS (if the tokenizer adds one) + system turn + user turn (image spans already expanded)."""
-        return self.bos_ids + self.system_ids + self._encode(self.spec.user_turn(question_expanded))
+    def encode_prompt(
+        self,
+        question_expanded: str,
+        history: Sequence[tuple[str, str]] = (),
+        system_message: str | None = None,
+    ) -> list[int]:
+        """BOS (if the tokenizer adds one) + system turn + earlier turns + user turn.
 
-    def generation_prefix(self, question_expanded: str) -> list[int]:
+        Args:
+            question_expanded: the final user turn (image spans already expanded).
+            history: earlier ``(user, assistant)`` exchanges of a multi-turn prompt, oldest first
+                (image spans already expanded). Rendered with the template's turns, each turn
+                tokenized on its own as InternVL's ``preprocess_*`` functions do; nothing in them is
+                trained (only the final answer is, :meth:`encode_answer`).
+            system_message: this sample's own system prompt (a record's ``system``); None: the
+                encoder's.
+        """
+        system = (
+            self.system_ids if system_message is None else self._encode(self.spec.system_turn(system_message))
+        )
+        turns: list[int] = []
+        for user, assistant in history:
+            turns += self._encode(self.spec.user_turn(user)) + self._encode(
+                self.spec.assistant_turn(assistant)
+            )
+        return self.bos_ids + system + turns + self._encode(self.spec.user_turn(question_expanded))
+
+    def generation_prefix(
+        self,
+        question_expanded: str,
+        history: Sequence[tuple[str, str]] = (),
+        system_message: str | None = None,
+    ) -> list[int]:
         """The prompt followed by the assistant prefix: what a model continues to answer."""
-        return self.encode_prompt(question_expanded) + self.prefix_ids
+        return self.encode_prompt(question_expanded, history, system_message) + self.prefix_ids
 
     def encode_answer(self, answer: str) -> tuple[list[int], list[int]]:
         """Token ids and labels of one assistant turn.
