@@ -4,20 +4,30 @@ resume from, which to rotate away, and what a resume may change.
 A checkpoint is ``<output_dir>/checkpoint-N/`` written by ``MPOTrainer._save_checkpoint``: the
 Trainer's files (weights or ZeRO shards, optimizer, scheduler, RNG, ``trainer_state.json``), our
 ``mpo_state.json`` (δ, data events, world size, ZeRO stage) and, written last after every file was
-flushed to disk, ``checkpoint_complete.json``. A folder without that marker is an interrupted save:
-it is never resumed from and never counted as the newest.
+flushed to disk, ``checkpoint_complete.json`` with the size and sha256 of every file. A folder
+without that marker is an interrupted save: it is never resumed from and never counted as the
+newest. A checkpoint whose files no longer match the marker (truncated, emptied, overwritten) is
+refused naming the file; ``resume_from_checkpoint=latest`` then falls back to the newest one that
+verifies and says so.
+
+The run directory is held by one run at a time: ``RunDirLock`` (a lock file naming host and pid).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mpo.config import ConfigError, ExperimentConfig
 from mpo.distributed import deepspeed_stage
+from mpo.files import sha256_file, write_atomic
 
 MPO_STATE_NAME = "mpo_state.json"
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -62,32 +72,6 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under ``folder`` (and the folders) to disk: the completion marker must
-    not reach the disk before the weights and optimizer state do (a power cut, not just a kill)."""
-    for path in sorted(folder.rglob("*")) + [folder]:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass  # some filesystems refuse fsync on folders
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename, so a crash or a full disk never leaves a half-written file under ``path``."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def setup_mismatch(checkpoint, state: dict, args) -> str | None:
     """Why ``checkpoint`` (its ``mpo_state.json`` as ``state``) cannot resume exactly under
     ``args``'s processes and ZeRO stage, or None. The data position (batches to skip per rank)
@@ -108,20 +92,190 @@ def setup_mismatch(checkpoint, state: dict, args) -> str | None:
     return None
 
 
-def resolve_resume(value: Any, output_dir: str) -> str | None:
-    """``latest`` -> newest complete checkpoint (None when there is none); a path must be complete."""
+# ---- integrity ---------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written (disk full) or read back (corrupt)."""
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Every file of a checkpoint but its completion marker, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+
+
+def file_digests(folder: Path, threads: int = 8) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` of every checkpoint file (hashed in threads:
+    hashlib releases the GIL, so large files hash in parallel)."""
+    files = checkpoint_files(folder)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        digests = list(pool.map(sha256_file, files))
+    return {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)
+    }
+
+
+def write_complete_marker(folder: Path, step: int) -> None:
+    """Written last, after every file is on disk: the checkpoint is complete and these are its files."""
+    marker = {"step": step, "time": time.time(), "files": file_digests(folder)}
+    write_atomic(folder / COMPLETE_MARKER, json.dumps(marker))
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint folder (naming the file), or None when it verifies.
+
+    Checked: the completion marker exists and parses; every file it lists exists with its size
+    and sha256; our JSON state files parse. Markers written before sizes and digests were
+    recorded only get the existence and JSON checks.
+    """
+    folder = Path(folder)
+    marker_path = folder / COMPLETE_MARKER
+    if not marker_path.is_file():
+        return f"{folder} is incomplete (no {COMPLETE_MARKER}): its save was interrupted"
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"{marker_path} is not valid JSON ({exc})"
+    for rel, want in (marker.get("files") or {}).items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{path} is missing (listed in {COMPLETE_MARKER})"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path} is {size} bytes, {want['bytes']} when it was saved (truncated or overwritten)"
+        if sha256_file(path) != want["sha256"]:
+            return f"{path} does not match the checksum recorded when it was saved (corrupted)"
+    for name in (MPO_STATE_NAME, "trainer_state.json"):
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return f"{path} is not valid JSON ({exc})"
+    return None
+
+
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write was the disk filling up: ENOSPC, or torch.save's zip writer
+    failing ("unexpected pos ...", which is how a full disk shows there) with little space left."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    text = str(exc)
+    if "No space left on device" in text:
+        return True
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        return False
+    return "unexpected pos" in text or free < 64 * 1024**2
+
+
+def resolve_resume(value: Any, output_dir: str) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from and what was passed over on the way.
+
+    ``latest``: the newest complete checkpoint that verifies; newer ones that do not are
+    reported (``skipped``) and left in place. A path: it must verify, else ConfigError naming the
+    file and what is wrong. None/False: a fresh run.
+    """
     if value in (None, False, ""):
-        return None
+        return None, []
     if value in (True, "latest"):
-        return latest_complete_checkpoint(output_dir)
+        skipped = []
+        for _step, path, done in reversed(list_checkpoints(Path(output_dir))):
+            if not done:
+                continue
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return str(path), skipped
+            skipped.append(problem)
+        return None, skipped
     path = Path(str(value))
     if not path.is_dir():
         raise ConfigError(f"training.resume_from_checkpoint: no such folder: {path}")
-    if not (path / COMPLETE_MARKER).is_file():
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"training.resume_from_checkpoint: {problem}")
+    return str(path), []
+
+
+# ---- one run per output directory ----------------------------------------------------------------
+LOCK_NAME = ".mpo-run.lock"
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux: /proc/<pid>/stat field 22), to tell a live run
+    from a new process that reused its pid; None where /proc is unavailable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return start is None or _process_start(pid) in (None, start)
+
+
+class RunDirLock:
+    """Holds ``<output_dir>/.mpo-run.lock`` for the life of a run (rank 0), so a second run into
+    the same folder is refused, also one with ``overwrite_output_dir=true``, before it changes any
+    file. A lock left by a run that died on this host (its pid is gone, or reused) is stale and
+    taken over, with a note; a lock held from another host cannot be checked from here and is
+    named in the error with how to remove it."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / LOCK_NAME
+        self.held = False
+        self.note: str | None = None  # what happened to a stale lock, for the start-up log
+
+    def acquire(self) -> RunDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        for _attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._refuse_or_clear()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise ConfigError(f"training.output_dir {self.path.parent}: could not take {self.path}")
+
+    def _refuse_or_clear(self) -> None:
+        try:
+            other = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            other = {}
+        host, pid = other.get("host"), other.get("pid")
+        where = f"pid {pid} on host {host}, since {other.get('since', '?')}"
+        if host == socket.gethostname() and pid == os.getpid():
+            self.path.unlink(missing_ok=True)  # ours: this process built a trainer here before
+            return
+        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid, other.get("start")):
+            self.note = f"took over {self.path}: the run that held it ({where}) is gone"
+            self.path.unlink(missing_ok=True)
+            return
+        if host == socket.gethostname() or not host:
+            raise ConfigError(
+                f"training.output_dir {self.path.parent} is in use by another run ({where}): wait for it, "
+                "or choose another training.output_dir"
+            )
         raise ConfigError(
-            f"training.resume_from_checkpoint: {path} is incomplete (no {COMPLETE_MARKER}); a save was interrupted"
+            f"training.output_dir {self.path.parent} is held by a run on another host ({where}), which "
+            f"cannot be checked from here: if that run is gone, delete {self.path}"
         )
-    return str(path)
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 # Files and folders a run writes into its output_dir (what overwrite_output_dir deletes).

@@ -20,12 +20,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": (
         "mpo.data.cli",
         "cmd_data",
-        "check | inspect: validate MMPR data, show a pair as the model sees it",
+        "check | inspect | index | convert: validate data, show a pair as the model sees it, cache pair lengths, convert formats",
     ),
     "precompute-ref": ("mpo.cli", "cmd_precompute_ref", "cache reference log-probs (model.reference=cache)"),
     "report": ("mpo.report", "cmd_report", "HTML report + plots from metrics.jsonl, with a verdict"),
     "summary": ("mpo.cli", "cmd_summary", "a finished run's summary"),
     "generate": ("mpo.model.cli", "cmd_generate", "greedy answer from a model"),
+    "eval": ("mpo.model.cli", "cmd_eval", "accuracy on VLMEvalKit-style TSV benchmarks (greedy, batched)"),
     "consolidate": ("mpo.consolidate", "cmd_consolidate", "ZeRO shards -> one HF-format model"),
     "convert": ("mpo.model.cli", "cmd_convert", "checkpoint format conversion (native <-> original)"),
     "export": ("mpo.model.cli", "cmd_export", "a deployable folder (LoRA merged)"),
@@ -37,9 +38,12 @@ USAGE = """usage: mpo COMMAND [ARGS]
   mpo train --config X [key.sub=value ...]          train
   mpo data check --config X                         validate every line; counts, tiles, lengths, skips
   mpo data inspect --config X --index I             one pair exactly as the model sees it
+  mpo data index --config X                         per-pair lengths, computed in parallel and cached
   mpo precompute-ref --config X model.ref_cache=DIR cache reference log-probs
   mpo report RUN_DIR | mpo summary RUN_DIR          a run's report / summary
   mpo generate --model DIR --image X --question Q   greedy answer from a model
+  mpo eval --model DIR --benchmark FILE.tsv         benchmark accuracy (VLMEvalKit TSV layout)
+  mpo data convert --from trl|llamafactory|swift IN OUT   other formats -> MMPR meta + JSONL
   mpo consolidate CKPT OUT | convert | export       model folders
 
 `mpo COMMAND --help` describes each."""
@@ -61,6 +65,20 @@ def _finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def print_error(exc: BaseException) -> None:
+    """An expected failure as ``error:`` lines (one per problem); the traceback too with MPO_DEBUG=1."""
+    if os.environ.get("MPO_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+    lines = [ln.strip().removeprefix("- ") for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        head, lines = lines[0][:-1], lines[1:]
+        lines = [f"{head}: {ln}" for ln in lines]
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+
+
 def cmd_train(argv: list[str]) -> int:
     from mpo.cli_args import config_parser
 
@@ -73,21 +91,30 @@ def cmd_train(argv: list[str]) -> int:
         try:
             print(to_yaml(load_config(args.config, args.overrides)), end="")
         except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print_error(exc)
             return 2
         return 0
+    from mpo.preemption import StopRequest, TrainingStopped
+
+    stop = StopRequest().install()  # SIGTERM / Ctrl-C: finish the step, save, stop
+    from mpo.checkpoints import CheckpointError
     from mpo.data.mmpr import DataError
     from mpo.model.loading import ModelLoadError
     from mpo.refcache import RefCacheError
     from mpo.run import format_summary, main_process, run_training
 
     try:
-        summary = run_training(load_config(args.config, args.overrides))
+        summary = run_training(load_config(args.config, args.overrides), stop)
         _barrier()
-    except (ConfigError, DataError, ModelLoadError, RefCacheError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except TrainingStopped as exc:
+        if main_process():
+            print(str(exc), file=sys.stderr, flush=True)
+        return exc.exit_code
+    except (ConfigError, DataError, ModelLoadError, RefCacheError, CheckpointError) as exc:
+        print_error(exc)
         return 2
     finally:
+        stop.uninstall()
         _finish_distributed()
     if main_process():
         print(format_summary(summary))
@@ -131,7 +158,18 @@ def cmd_make_tiny(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mpo make-tiny", description="Build the tiny InternVL and tokenizer")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="write an ORIGINAL-format checkpoint with this LLM instead: qwen2, qwen3, llama, internlm3, phi3, internlm2",
+    )
+    p.add_argument("--vit", default="300m", help="with --backbone: InternViT 300m or 6b")
     a = p.parse_args(argv)
+    if a.backbone:
+        from mpo.model.tiny import save_tiny_original
+
+        print(save_tiny_original(a.out_dir, a.backbone, a.vit, seed=a.seed))
+        return 0
     from mpo.model.tiny import save_tiny_internvl
 
     print(save_tiny_internvl(a.out_dir, seed=a.seed))

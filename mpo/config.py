@@ -54,6 +54,9 @@ class ModelConfig:
     freeze_projector: bool = opt(False, "freeze the MLP projector")
     freeze_llm: bool = opt(False, "freeze the language model and LM head")
     unfreeze_vision_last_n: int = opt(0, "with freeze_vision: train the last N ViT layers")
+    vision_drop_path_rate: float = opt(
+        0.0, "stochastic depth in the policy's ViT, rates linspace(0, r, layers) (official MPO runs: 0.1)"
+    )
     lora: dict[str, Any] | None = opt(None, "peft LoRA settings {target: llm|vision|both, r, alpha, dropout}")
     logprob_chunk_size: int = opt(4096, "response tokens per LM-head call (bounds the logits memory)")
     shared_prompt: bool = opt(False, "one LLM pass over [prompt | chosen | rejected] per pair")
@@ -65,7 +68,10 @@ class DataConfig:
 
     meta_path: str = opt("", "MMPR meta JSON, a .jsonl file, or a HF datasets folder/.parquet/.arrow")
     eval_meta_path: str | None = opt(None, "held-out pairs, same formats")
-    system_message: str | None = opt(None, "system prompt; default: InternVL's")
+    system_message: str | None = opt(None, "system prompt; default: the chat template's")
+    template: Literal["auto", "internvl2_5", "internlm2-chat", "Hermes-2", "phi3-chat"] = opt(
+        "auto", "chat template; auto: the checkpoint's (`template` in an original config.json)"
+    )
     max_length: int = opt(8192, "tokens per sequence (prompt + response); image spans are never cut")
     truncation: Literal["truncate_response", "skip"] = opt(
         "truncate_response", "what to do with a sequence over max_length"
@@ -78,8 +84,19 @@ class DataConfig:
     )
     max_bad_fraction: float = opt(0.01, "with on_bad_sample=skip: fail when more than this share is bad")
     video_min_frames: int = opt(8, "fewest frames sampled from a video")
-    video_max_frames: int = opt(32, "most frames sampled from a video")
-    seed: int = opt(42, "seed of the subsample when repeat_time < 1")
+    video_max_frames: int = opt(
+        32, "most frames sampled from a video (fewer when the sequence budget or the clip is shorter)"
+    )
+    video_sampling: Literal["rand", "middle"] = opt(
+        "rand",
+        "training frames: rand = a random count up to the most that fit and a random frame per "
+        "segment, seeded per sample and epoch (InternVL); middle = the most that fit, segment "
+        "middles (evaluation and the reference cache always use middle)",
+    )
+    seed: int = opt(42, "seed of subsamples (repeat_time < 1) and of per-sample random views")
+    follow_symlinks_outside_root: bool = opt(
+        False, "allow media paths that are symlinks to files outside their dataset root"
+    )
     group_by_length: bool = opt(False, "batch pairs of similar estimated length (less padding)")
     packing: bool = opt(
         False,
@@ -87,6 +104,13 @@ class DataConfig:
         "(each pair [prompt | chosen | rejected]; replaces per_device_train_batch_size)",
     )
     max_tokens_per_batch: int = opt(16384, "with packing: tokens per micro-batch, image tokens counted")
+    length_cache_dir: str | None = opt(
+        None,
+        "folder of cached length indexes (`mpo data index`); default $MPO_CACHE/lengths or ~/.cache/mpo/lengths",
+    )
+    length_workers: int | None = opt(
+        None, "worker processes per rank building the length index; 0: in-process; default: CPUs per rank"
+    )
 
 
 @dataclass
@@ -103,10 +127,16 @@ class LossConfig:
     generation_weight: float = opt(1.0, "w_g (SFT on the chosen answer)")
     label_smoothing: float = opt(0.0, "conservative DPO, for preference_type=sigmoid")
     sft_normalization: Literal["sequence", "token"] = opt(
-        "token",
+        "sequence",
         "sequence: mean over pairs of each chosen answer's per-token NLL (paper, official run); "
         "token: one token mean over the optimizer step",
     )
+
+
+# Benchmark answer instructions: InternVL's own evaluation prompts (internvl_chat/eval/mmbench/
+# evaluate_mmbench.py for multiple choice, internvl_chat/eval/vqa/evaluate_vqa.py for short answers).
+BENCHMARK_MC_PROMPT = "Answer with the option's letter from the given choices directly."
+BENCHMARK_OPEN_PROMPT = "Answer the question using a single word or phrase."
 
 
 @dataclass
@@ -117,6 +147,21 @@ class RunExtras:
     sample_num_prompts: int = opt(4, "prompts for sample_steps")
     sample_max_new_tokens: int = opt(32, "tokens per sampled answer")
     run_tags: list[str] = opt([], "wandb tags")
+    eval_benchmarks: list[str] = opt(
+        [], "VLMEvalKit-style TSV benchmarks answered greedily during training (accuracy into metrics.jsonl)"
+    )
+    eval_benchmark_steps: int = opt(
+        0, "benchmark every N steps, besides the start and the end (0: those two only)"
+    )
+    eval_benchmark_max_new_tokens: int = opt(32, "tokens per benchmark answer")
+    eval_benchmark_batch_size: int = opt(8, "questions per generate call (per process)")
+    eval_benchmark_limit: int = opt(0, "answer only the first N questions of each benchmark (0: all)")
+    eval_benchmark_mc_prompt: str = opt(
+        BENCHMARK_MC_PROMPT, "instruction after a multiple-choice question (InternVL's MMBench prompt)"
+    )
+    eval_benchmark_open_prompt: str = opt(
+        BENCHMARK_OPEN_PROMPT, "instruction after a short-answer question (InternVL's VQA prompt)"
+    )
     overwrite_output_dir: bool = opt(
         False, "a fresh run into an output_dir holding another run's outputs deletes them (else refused)"
     )
@@ -317,6 +362,13 @@ def load_config(
     return cfg
 
 
+def load_section(section: str, values: dict[str, Any], source: str):
+    """One typed section (``model``, ``data`` or ``loss``) from a dict, defaults for missing keys."""
+    cfg = ExperimentConfig()
+    _apply(cfg, {section: values}, source)
+    return getattr(cfg, section)
+
+
 # ---- cross-field rules -----------------------------------------------------------------------
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-field rules; raises one ConfigError listing every problem."""
@@ -341,6 +393,8 @@ def model_problems(m: ModelConfig) -> list[str]:
         problems.append("model.reference=cache needs model.ref_cache (written by `mpo precompute-ref`)")
     if m.logprob_chunk_size < 1:
         problems.append("model.logprob_chunk_size must be >= 1")
+    if not 0 <= m.vision_drop_path_rate < 1:
+        problems.append(f"model.vision_drop_path_rate must be in [0, 1), got {m.vision_drop_path_rate}")
     return problems
 
 
@@ -363,6 +417,8 @@ def data_problems(d: DataConfig) -> list[str]:
             f"data.max_tokens_per_batch ({d.max_tokens_per_batch}) must be >= data.max_length ({d.max_length}): "
             "a micro-batch holds at least one whole pair"
         )
+    if d.length_workers is not None and d.length_workers < 0:
+        problems.append(f"data.length_workers must be >= 0 (0: build in-process), got {d.length_workers}")
     return problems
 
 
@@ -404,8 +460,52 @@ def training_problems(cfg: ExperimentConfig) -> list[str]:
             )
         if t.get("eval_on_start"):
             problems.append("training.eval_on_start=true needs held-out pairs: set data.eval_meta_path")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if key in t and isinstance(t[key], int) and t[key] < 1:
+            problems.append(f"training.{key} must be >= 1, got {t[key]}")
+    for key in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm"):
+        if isinstance(t.get(key), (int, float)) and t[key] < 0:
+            problems.append(f"training.{key} must be >= 0, got {t[key]}")
+    if t.get("max_steps") == 0 or (isinstance(t.get("max_steps"), int) and t["max_steps"] < -1):
+        problems.append(
+            f"training.max_steps={t['max_steps']} trains nothing: set a positive number of optimizer steps, "
+            "or -1 to train for training.num_train_epochs"
+        )
+    if (
+        isinstance(t.get("num_train_epochs"), (int, float))
+        and t["num_train_epochs"] <= 0
+        and t.get("max_steps", -1) <= 0
+    ):
+        problems.append(f"training.num_train_epochs must be > 0, got {t['num_train_epochs']}")
+    for key in ("save_steps", "logging_steps", "eval_steps"):
+        if isinstance(t.get(key), (int, float)) and t[key] <= 0:
+            problems.append(f"training.{key} must be > 0, got {t[key]}")
+    problems += benchmark_problems(cfg.extras)
     if t.get("remove_unused_columns", False):
         problems.append("training.remove_unused_columns must stay false: MPO batches carry custom columns")
+    return problems
+
+
+def benchmark_problems(x: RunExtras) -> list[str]:
+    """Rules on ``training.eval_benchmark*``: .tsv files with distinct names, sane numbers. (Like the
+    data paths, the files themselves are read when the run is built: ``mpo.eval.read_benchmark``.)"""
+    problems = []
+    for path in x.eval_benchmarks:
+        if Path(path).suffix.lower() != ".tsv":
+            problems.append(
+                f"training.eval_benchmarks: {path} is not a .tsv file (VLMEvalKit's benchmark layout)"
+            )
+    stems = [Path(p).stem for p in x.eval_benchmarks]
+    if len(set(stems)) != len(stems):
+        problems.append(
+            f"training.eval_benchmarks: file names must differ (metrics are named bench/<name>/...), got {stems}"
+        )
+    for key in ("eval_benchmark_max_new_tokens", "eval_benchmark_batch_size"):
+        if getattr(x, key) < 1:
+            problems.append(f"training.{key} must be >= 1, got {getattr(x, key)}")
+    for key in ("eval_benchmark_steps", "eval_benchmark_limit"):
+        if getattr(x, key) < 0:
+            problems.append(f"training.{key} must be >= 0, got {getattr(x, key)}")
     return problems
 
 

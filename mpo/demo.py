@@ -9,6 +9,8 @@ only rises above 0.5 when the model really uses the vision path.
 
 from __future__ import annotations
 
+import base64
+import csv
 import json
 import random
 from pathlib import Path
@@ -100,3 +102,43 @@ def write_demo_data(
         paths[split] = out / f"meta_{split}.json"
         paths[split].write_text(json.dumps(meta, indent=1))
     return paths
+
+
+BENCHMARK_COLUMNS = ("index", "question", "A", "B", "C", "D", "answer", "category", "image")
+
+
+def write_demo_benchmark(data_dir: str | Path, out_name: str = "shapes.tsv", seed: int = 0) -> Path:
+    """A multiple-choice benchmark in VLMEvalKit's TSV layout from the demo's held-out pairs.
+
+    One question per line of ``eval.jsonl``, in the demo's own wording (the tiny model knows no
+    other): "What color is the shape? Answer with one word." with four colours as options
+    (category ``shape color``) or "What color is the background?" with the three backgrounds
+    (``background color``), the image inlined as base64, the right option's letter in ``answer``.
+    The images are the held-out ones, never trained on. Options are shuffled with ``seed``, so the
+    right letter is spread over A-D.
+    """
+    data = Path(data_dir)
+    rng = random.Random(seed)
+    rows = []
+    for k, line in enumerate((data / "eval.jsonl").read_text().splitlines()):
+        pair = json.loads(line)
+        truth = pair["answer_gt"]
+        if truth in COLORS:
+            question, category = "What color is the shape? Answer with one word.", "shape color"
+            options = [truth, *rng.sample([c for c in COLORS if c != truth], 3)]
+        else:
+            question, category = "What color is the background?", "background color"
+            options = list(BACKGROUNDS)
+        rng.shuffle(options)
+        letters = "ABCD"[: len(options)]
+        row = {"index": k, "question": question, "category": category}
+        row |= {letter: text for letter, text in zip(letters, options)}
+        row["answer"] = letters[options.index(truth)]
+        row["image"] = base64.b64encode((data / pair["image"]).read_bytes()).decode("ascii")
+        rows.append(row)
+    path = data / out_name
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=BENCHMARK_COLUMNS, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -1,4 +1,5 @@
-"""Seeing what training does: loggers, a progress line, the start-up summary, sample generations.
+"""Seeing what training does: loggers, a progress line, the start-up summary, sample generations,
+benchmark accuracy during training (``BenchmarkEvalCallback``).
 
 Wiring (see ``mpo.run.build_trainer``)::
 
@@ -27,13 +28,18 @@ from transformers.integrations import TensorBoardCallback, WandbCallback
 from transformers.trainer_callback import PrinterCallback
 
 from mpo.config import ConfigError
-from mpo.data.template import IGNORE_INDEX
+from mpo.data.template import IGNORE_INDEX, TemplateEncoder
+from mpo.data.tiling import VisionSpec
 from mpo.distributed import deepspeed_stage
+from mpo.eval import read_benchmark
+from mpo.eval_model import BenchmarkRunner, EvalSettings, evaluate
+from mpo.repetition import Generation, hit_limit, summarize
 from mpo.stats import percentiles
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
+BENCHMARKS_FILE = "benchmarks.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 WANDB_PROJECT_DEFAULT = "internvl-mpo"
 
@@ -88,6 +94,15 @@ def configure_loggers(training: dict[str, Any], extras, cfg_dict: dict[str, Any]
         training["run_name"] = Path(str(training["output_dir"])).name
     if "wandb" in targets or "all" in targets:
         os.environ["WANDB_MODE"] = wandb_mode()
+
+
+def log_from_callback(trainer, logs: dict[str, float]) -> None:
+    """``trainer.log(logs)`` from inside another callback event, keeping the step's own decision to
+    log: ``CallbackHandler.on_log`` clears ``control.should_log`` on the shared control object, which
+    would silently drop the training log of the step that just ran."""
+    should_log = trainer.control.should_log
+    trainer.log(logs)
+    trainer.control.should_log = should_log
 
 
 class MPOWandbCallback(WandbCallback):
@@ -146,6 +161,8 @@ def attach_observability(trainer, cfg) -> None:
     trainer.add_callback(MPOProgressCallback(show_bar=bar))
     if cfg.extras.sample_steps > 0:
         trainer.add_callback(SampleGenerationCallback(trainer, cfg.extras))
+    if cfg.extras.eval_benchmarks:
+        trainer.add_callback(BenchmarkEvalCallback(trainer, cfg))
 
 
 # ---- progress --------------------------------------------------------------------------------
@@ -171,6 +188,19 @@ def format_eval_log(step: int, logs: dict[str, Any]) -> str:
         f"{_fmt(g('eval_loss/bco'))} sft {_fmt(g('eval_loss/sft'))}) | acc {_fmt(g('eval_rewards/accuracies'), '.3f')} "
         f"margin {_fmt(g('eval_rewards/margins'))}"
     )
+
+
+def format_bench_log(step: int, logs: dict[str, Any]) -> str:
+    """One line per benchmark evaluation: accuracy and the repetition numbers of its answers."""
+    names = sorted({k.split("/")[1] for k in logs if k.startswith("bench/") and k.endswith("/accuracy")})
+    parts = []
+    for n in names:
+        g = {k.split("/", 2)[2]: v for k, v in logs.items() if k.startswith(f"bench/{n}/")}.get
+        parts.append(
+            f"{n} accuracy {_fmt(g('accuracy'), '.3f')} (answered {_fmt(g('answered'), '.2f')}, "
+            f"at token limit {_fmt(g('limit_share'), '.2f')}, longest run {_fmt(g('longest_run'), '.0f')})"
+        )
+    return f"benchmarks @ step {step} | " + " | ".join(parts)
 
 
 class MPOProgressCallback(ProgressCallback):
@@ -212,6 +242,8 @@ class MPOProgressCallback(ProgressCallback):
                 )
         elif "eval_loss" in logs:
             line = format_eval_log(state.global_step, logs)
+        elif any(k.startswith("bench/") for k in logs):
+            line = format_bench_log(state.global_step, logs)
         elif "train_runtime" in logs:
             line = f"done: {state.global_step} steps in {_fmt(logs['train_runtime'], '.1f')} s, mean loss {_fmt(logs.get('train_loss'))}"
         else:
@@ -307,6 +339,16 @@ def prompt_from_item(item: dict[str, Any]) -> torch.Tensor:
     return item["chosen_input_ids"][: int(trained[0, 0])]
 
 
+def _image_label(value: Any) -> Any:
+    """A record's ``image`` as samples.jsonl can hold it: paths as they are; images stored inside the
+    data (HF ``Image`` bytes, base64 data URLs read by ``mpo.data.formats``) by their path or a mark."""
+    if isinstance(value, list):
+        return [_image_label(v) for v in value]
+    if isinstance(value, dict):
+        return value.get("path") or "<image stored in the data>"
+    return value
+
+
 class SampleGenerationCallback(TrainerCallback):
     """Greedy answers to fixed held-out prompts at the start, every ``extras.sample_steps`` steps and at the end.
 
@@ -324,6 +366,7 @@ class SampleGenerationCallback(TrainerCallback):
         self.num_prompts = int(extras.sample_num_prompts)
         self.max_new_tokens = int(extras.sample_max_new_tokens)
         self.prompts: list[dict[str, Any]] | None = None
+        self.end_of_turn: int | None = None  # set with the prompts
         self.last_step: int | None = None
 
     def _collect_prompts(self) -> list[dict[str, Any]]:
@@ -331,6 +374,9 @@ class SampleGenerationCallback(TrainerCallback):
             self.trainer.eval_dataset if self.trainer.eval_dataset is not None else self.trainer.train_dataset
         )
         split = "eval" if self.trainer.eval_dataset is not None else "train"
+        # Answers end with the template's end-of-turn token (``<|im_end|>``, Phi-3's ``<|end|>``),
+        # which is not every tokenizer's EOS (InternLM2's is ``</s>``).
+        self.end_of_turn = getattr(ds, "pairs", ds).encoder.template.eos_id
         prompts = []
         for i in range(len(ds)):
             if len(prompts) >= self.num_prompts:
@@ -346,7 +392,7 @@ class SampleGenerationCallback(TrainerCallback):
                     "dataset": item["dataset"],
                     "line": item["line"],
                     "question": record.get("question", ""),
-                    "image": record.get("image"),
+                    "image": _image_label(record.get("image")),
                     "chosen": record.get("chosen", ""),
                     "rejected": record.get("rejected", ""),
                     "input_ids": prompt_from_item(item),
@@ -360,8 +406,9 @@ class SampleGenerationCallback(TrainerCallback):
         return state.is_world_process_zero or stage == 3
 
     @torch.no_grad()
-    def generate(self, model) -> list[str]:
-        """Greedy answers for every prompt; the model's mode is restored afterwards."""
+    def generate(self, model) -> list[Generation]:
+        """Greedy answers for every prompt (and whether each ran out of tokens); the model's mode
+        is restored afterwards."""
         tok = self.trainer.processing_class
         device = self.trainer.args.device
         dtype = next(model.parameters()).dtype
@@ -379,11 +426,17 @@ class SampleGenerationCallback(TrainerCallback):
                     **kwargs,
                     max_new_tokens=self.max_new_tokens,
                     do_sample=False,
-                    eos_token_id=tok.eos_token_id,
+                    eos_token_id=self.end_of_turn,
                     pad_token_id=tok.pad_token_id,
                     synced_gpus=synced,
                 )
-                answers.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+                new = out[0, ids.shape[1] :].tolist()
+                answers.append(
+                    Generation(
+                        tok.decode(new, skip_special_tokens=True),
+                        hit_limit(new, self.max_new_tokens, self.end_of_turn),
+                    )
+                )
         finally:
             model.train(was_training)
         return answers
@@ -400,13 +453,16 @@ class SampleGenerationCallback(TrainerCallback):
         self.last_step = state.global_step
         if state.is_world_process_zero:
             self._write(state.global_step, answers)
+            # Repetition alarm numbers (mpo.repetition), read by `mpo report` against step 0.
+            log_from_callback(self.trainer, {f"samples/{k}": v for k, v in summarize(answers).items()})
 
-    def _write(self, step: int, answers: list[str]) -> None:
+    def _write(self, step: int, answers: list[Generation]) -> None:
         now = time.time()
         rows = []
         for p, answer in zip(self.prompts, answers):
             keep = ("prompt_id", "split", "dataset", "line", "question", "image", "chosen", "rejected")
-            rows.append({"step": step, "time": now, **{k: p[k] for k in keep}, "generated": answer})
+            row = {"step": step, "time": now, **{k: p[k] for k in keep}, "generated": answer.text}
+            rows.append({**row, "hit_limit": answer.hit_limit})
         path = Path(self.trainer.args.output_dir) / SAMPLES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
@@ -445,6 +501,76 @@ class SampleGenerationCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._run(state, model)  # the final model's answers, unless this step was just sampled
+
+
+class BenchmarkEvalCallback(TrainerCallback):
+    """Accuracy on VLMEvalKit-style TSV benchmarks (``training.eval_benchmarks``) at the start,
+    every ``eval_benchmark_steps`` steps and at the end of a run that reached ``max_steps``.
+
+    Every rank takes part: rank ``r`` answers questions ``r, r + world, ...`` (and keeps only their
+    images), the answers are gathered on every rank, and each rank logs the same metrics
+    (``bench/<name>/accuracy``, ``accuracy/<category>``, ``answered``, and the repetition numbers
+    ``limit_share``, ``longest_run``, ``longest_run_mean``, ``distinct2``): ``metrics.jsonl``, wandb
+    and TensorBoard get them from rank 0. Rank 0 appends every answer to ``benchmarks.jsonl``.
+    Questions are encoded with the run's template, system prompt and tile settings
+    (``mpo.eval_model``); under ZeRO-3 every rank joins every forward (``synced_gpus``).
+    """
+
+    def __init__(self, trainer, cfg):
+        self.trainer = trainer
+        x, d = cfg.extras, cfg.data
+        self.every = int(x.eval_benchmark_steps)
+        self.rank, self.world = trainer.args.process_index, trainer.args.world_size
+        mine = lambda i: i % self.world == self.rank  # noqa: E731
+        self.benches = [
+            read_benchmark(p, keep_images=mine, limit=x.eval_benchmark_limit) for p in x.eval_benchmarks
+        ]
+        tok = trainer.processing_class
+        settings = EvalSettings(
+            max_new_tokens=x.eval_benchmark_max_new_tokens,
+            batch_size=x.eval_benchmark_batch_size,
+            max_dynamic_patch=d.max_dynamic_patch,
+            min_dynamic_patch=d.min_dynamic_patch,
+            use_thumbnail=d.use_thumbnail,
+            mc_prompt=x.eval_benchmark_mc_prompt,
+            open_prompt=x.eval_benchmark_open_prompt,
+        )
+        vision = VisionSpec.from_config(trainer.accelerator.unwrap_model(trainer.model).config)
+        encoder = TemplateEncoder(tok, d.system_message, d.template)
+        self.runner = BenchmarkRunner(tok, vision, encoder, settings)
+        self.last_step: int | None = None
+
+    def _run(self, state, model) -> None:
+        if self.last_step == state.global_step:
+            return
+        self.last_step = state.global_step
+        unwrapped = self.trainer.accelerator.unwrap_model(model if model is not None else self.trainer.model)
+        synced = zero_stage(self.trainer) == 3
+        logs: dict[str, float] = {}
+        rows: list[dict[str, Any]] = []
+        for bench in self.benches:
+            metrics, bench_rows = evaluate(self.runner, unwrapped, bench, self.rank, self.world, synced)
+            logs |= {f"bench/{bench.name}/{k}": v for k, v in metrics.items()}
+            rows += [{"step": state.global_step, **r} for r in bench_rows]
+        if state.is_world_process_zero:
+            path = Path(self.trainer.args.output_dir) / BENCHMARKS_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        log_from_callback(self.trainer, logs)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._run(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every > 0 and state.global_step % self.every == 0:
+            self._run(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # A run stopped early (a signal, a stop request) leaves at once: no benchmark pass then.
+        if state.max_steps <= 0 or state.global_step >= state.max_steps:
+            self._run(state, model)
 
 
 def finish_loggers() -> None:

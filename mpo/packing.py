@@ -43,9 +43,10 @@ def packed_lengths(pair_dataset) -> np.ndarray:
     """Estimated packed tokens of every pair, ``(N,)``: prompt (image tokens included) once, plus
     both answers; an upper bound of the packed length when the answers tokenize alone as they do
     in the template (the common prefix is at least the prompt)."""
-    from mpo.sampler import pair_lengths
+    from mpo.data.lengths import length_index
 
-    return pair_lengths(pair_dataset, packed=True)
+    prefix = len(pair_dataset.encoder.template.prefix_ids)
+    return length_index(pair_dataset).packed_tokens(pair_dataset.cfg.max_length, prefix)
 
 
 def pack_bins(

@@ -10,10 +10,20 @@ pair of ``data.meta_path`` (and ``data.eval_meta_path``) once and writes, in ``m
                                        (written last: a folder without it is an unfinished cache)
 
 Each pair is keyed by a content hash (question/chosen/rejected text, the bytes of every image or
-video, the pair's tile budget), so a re-ordered, re-mixed or repeated data set still finds its
+video, a video's ``clip``, the pair's tile budget), so a re-ordered, re-mixed or repeated data set still finds its
 values. What the values also depend on but is the same for every pair (reference weights and
 dtype, tokenizer, system message, max_length/truncation, tiling settings) lives in the manifest
 and is compared at load time: any difference is refused with an error naming it.
+
+What the cache cannot hold: values for pixels that change between epochs. Datasets with
+``data_augment`` are refused, and so is training with ``data.video_sampling=rand`` (a random
+frame count and random frames per sample and epoch) on data whose cache holds video pairs: the
+cache stores the deterministic view only (``mpo precompute-ref`` reads every pair as evaluation
+does: the most frames that fit, segment middles), which ``data.video_sampling=middle`` trains on.
+Per-epoch entries were the alternative: they would tie a cache to one run's seed and epoch count
+and cost a reference pass per video pair and epoch, which is what ``model.reference=copy`` does
+anyway. The manifest counts the video pairs of each meta file, so the refusal comes before
+training starts; a video pair met in training without such a count is refused when it is read.
 
 Launch on several processes (``torchrun --nproc_per_node N -m mpo.cli precompute-ref ...``): rank
 r computes pairs r, r+N, ... and writes its own shard; rank 0 writes the manifest after a barrier.
@@ -35,8 +45,9 @@ import torch
 
 from mpo.data.events import DataEvents, gather_events
 from mpo.data.mmpr import DataError
+from mpo.files import sha256_file
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: video frame budget and clip in the key; video pairs counted
 MANIFEST_NAME = "manifest.json"
 _SAMPLE_BYTES = 1 << 20  # bytes hashed at each of three places in a weight file
 _START_CHECK = 64  # pairs looked up when a cache is opened, to fail before training starts
@@ -47,14 +58,6 @@ class RefCacheError(ValueError):
 
 
 # ---- identity of what the values depend on ----------------------------------------------------
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _weight_fingerprint(path: Path) -> str:
@@ -101,7 +104,7 @@ def model_identity(path: str, torch_dtype: str) -> dict[str, Any]:
     if not weights:
         raise RefCacheError(f"reference model {path}: no .safetensors or .bin weight files")
     return {
-        "config_sha256": _sha256_file(config),
+        "config_sha256": sha256_file(config),
         "weights": {
             p.name: {"bytes": p.stat().st_size, "fingerprint": _weight_fingerprint(p)} for p in weights
         },
@@ -117,12 +120,14 @@ def data_settings(pair_dataset) -> dict[str, Any]:
     tok_text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     vision = pair_dataset.encoder.vision
     return {
+        "template": pair_dataset.encoder.template.spec.name,
         "system_message": cfg.system_message,
         "max_length": cfg.max_length,
         "truncation": cfg.truncation,
         "max_dynamic_patch": cfg.max_dynamic_patch,
         "min_dynamic_patch": cfg.min_dynamic_patch,
         "use_thumbnail": cfg.use_thumbnail,
+        # Not video_sampling: the cache always holds the deterministic frames (module docstring).
         "video_min_frames": cfg.video_min_frames,
         "video_max_frames": cfg.video_max_frames,
         "image_size": vision.image_size,
@@ -131,17 +136,17 @@ def data_settings(pair_dataset) -> dict[str, Any]:
     }
 
 
-def _media_digest(root: Path, value: Any, where: str, field: str) -> str:
+def _media_digest(root: Path, value: Any, where: str, field: str, follow_symlinks: bool) -> str:
     """sha256 of one image or video as the encoder reads it: a file under ``root``, or the bytes a
     HF ``datasets`` Image column holds (the same digest as the file they came from)."""
     from mpo.data.pairs import media_source
 
-    source = media_source(root, value, where, field)
+    source = media_source(root, value, where, field, follow_symlinks)
     if isinstance(source, bytes):
         return hashlib.sha256(source).hexdigest()
     if not source.is_file():
         raise RefCacheError(f"{where}: field '{field}': file not found: {source}")
-    return _sha256_file(source)
+    return sha256_file(source)
 
 
 def pair_key(pair_dataset, index: int) -> bytes:
@@ -150,9 +155,8 @@ def pair_key(pair_dataset, index: int) -> bytes:
 
     spec, line_no, obj = pair_dataset.source.get(index)
     where = f"{spec.annotation}:{line_no}"
-    media = [
-        [field, _media_digest(spec.root, value, where, field)] for field, value in media_fields(obj, where)
-    ]
+    follow = pair_dataset.cfg.follow_symlinks_outside_root
+    media = [[f, _media_digest(spec.root, value, where, f, follow)] for f, value in media_fields(obj, where)]
     record = {
         "question": obj.get("question"),
         "chosen": obj.get("chosen"),
@@ -160,6 +164,8 @@ def pair_key(pair_dataset, index: int) -> bytes:
         "media": media,
         "tile_budget": tile_budget(spec, pair_dataset.cfg),
     }
+    if obj.get("clip") is not None:  # which part of a video is sampled
+        record["clip"] = obj["clip"]
     return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).digest()
 
 
@@ -214,6 +220,12 @@ class RefCache:
                 + "\n  - ".join(problems)
             )
 
+    def video_pairs(self, meta_path) -> int:
+        """Video pairs the cache was computed from for ``meta_path`` (all its meta files' when it
+        was computed from another path)."""
+        counts = dict(zip(self.manifest.get("meta_paths", []), self.manifest.get("video_pairs", [])))
+        return int(counts.get(str(meta_path), sum(counts.values())))
+
     def lookup(self, key: bytes, where: str = "") -> tuple[float, float]:
         try:
             return self.values[key]
@@ -246,10 +258,23 @@ class RefCachedDataset(torch.utils.data.Dataset):
         pair, events = self.pairs[index]
         if pair is None:  # a skipped sample: the collator drops it
             return pair, events
+        if pair.get("video", {}).get("sampling") == "rand":
+            raise RefCacheError(
+                random_frames_message(self.pairs.meta_path, f"{pair['dataset']} line {pair['line']}")
+            )
         i = int(index) % len(self.pairs)  # the training sampler tags indices with the epoch
         spec, line_no, _ = self.pairs.source.get(i)
         c, r = self.cache.lookup(pair_key(self.pairs, i), f"{spec.annotation}:{line_no}")
         return {**pair, "ref_chosen_logps": c, "ref_rejected_logps": r}, events
+
+
+def random_frames_message(meta_path, what: str) -> str:
+    return (
+        f"model.reference=cache with data.video_sampling=rand: {meta_path} has {what}, whose frames "
+        "are drawn anew for every sample and epoch, while the cache holds the reference log-probs of "
+        "the deterministic frames (the most that fit, segment middles); train with "
+        "data.video_sampling=middle, or use model.reference=copy"
+    )
 
 
 def open_ref_cache(
@@ -269,6 +294,10 @@ def open_ref_cache(
         )
     cache = RefCache(folder)
     cache.check(model_identity(ref_path, torch_dtype), data_settings(pair_dataset))
+    if pair_dataset.train and pair_dataset.cfg.video_sampling == "rand":
+        videos = cache.video_pairs(pair_dataset.meta_path)
+        if videos:
+            raise RefCacheError(random_frames_message(pair_dataset.meta_path, f"{videos} video pair(s)"))
     n = len(pair_dataset)
     sample = np.linspace(0, n - 1, num=min(n, _START_CHECK), dtype=np.int64).tolist() if n else []
     missing = []
@@ -320,14 +349,15 @@ def shard_indices(pair_datasets: Iterable, rank: int, world: int) -> list[tuple[
 @torch.no_grad()
 def compute_shard(
     model, pair_datasets: list, rank: int, world: int, batch_size: int, chunk_size: int, device
-) -> tuple[dict[bytes, tuple[float, float]], DataEvents]:
-    """Reference log-probs of this rank's share of the pairs, keyed by content hash, and the
-    events (skips) of reading them."""
+) -> tuple[dict[bytes, tuple[float, float]], DataEvents, list[int]]:
+    """Reference log-probs of this rank's share of the pairs, keyed by content hash, the events
+    (skips) of reading them, and how many of its pairs were video pairs, per dataset."""
     from mpo.data.collate import PairCollator
     from mpo.logprobs import batch_logps
 
     out: dict[bytes, tuple[float, float]] = {}
     skipped = DataEvents()
+    videos = [0] * len(pair_datasets)
     todo = shard_indices(pair_datasets, rank, world)
     for d, ds in enumerate(pair_datasets):
         collator = PairCollator(ds.encoder.template.tokenizer.pad_token_id)
@@ -337,6 +367,7 @@ def compute_shard(
         )
         for items in loader:
             skipped.add(DataEvents.total(ev for _, ev in items))
+            videos[d] += sum(1 for p, _ in items if p is not None and "video" in p)
             items = [(p, ev) for p, ev in items if p is not None and p["cache_key"] not in out]
             if not items:
                 continue
@@ -345,7 +376,7 @@ def compute_shard(
             chosen, rejected = batch_logps(model, batch, chunk_size).split()
             for (p, _), c, r in zip(items, chosen.double().tolist(), rejected.double().tolist()):
                 out[p["cache_key"]] = (c, r)
-    return out, skipped
+    return out, skipped, videos
 
 
 def shard_name(rank: int, world: int) -> str:
@@ -434,9 +465,15 @@ def precompute_ref(cfg, batch_size: int | None = None) -> Path:
     if cfg.data.eval_meta_path:
         datasets.append(PairDataset(cfg.data.eval_meta_path, tokenizer, vision, cfg.data))
     bs = batch_size or int(cfg.training.get("per_device_eval_batch_size", 1))
-    values, events = compute_shard(model, datasets, rank, world, bs, cfg.model.logprob_chunk_size, device)
+    values, events, videos = compute_shard(
+        model, datasets, rank, world, bs, cfg.model.logprob_chunk_size, device
+    )
     write_shard(folder, rank, world, values)
     events = gather_events(events)  # collective; also a barrier: every shard is written
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, videos)
+        videos = [sum(col) for col in zip(*parts)]
     if rank == 0:
         skipped = dict(events.skipped)
         write_manifest(
@@ -449,6 +486,7 @@ def precompute_ref(cfg, batch_size: int | None = None) -> Path:
                 "ref_path": ref_path,
                 "skipped": skipped,
                 "meta_paths": [str(cfg.data.meta_path), str(cfg.data.eval_meta_path)],
+                "video_pairs": videos,  # per meta path: training with random frames is refused
             },
         )
     if world > 1:

@@ -1,7 +1,9 @@
 """``mpo report RUN_DIR``: plots, a verdict on common failure signs, and sample generations.
 
 Reads ``RUN_DIR/metrics.jsonl`` (one JSON line per logging step, written by
-``MetricsFileCallback``), ``samples.jsonl`` (``SampleGenerationCallback``), and ``config.yaml`` /
+``MetricsFileCallback``), ``samples.jsonl`` (``SampleGenerationCallback``), ``benchmarks.jsonl``
+(``BenchmarkEvalCallback``: one plot per benchmark, and the repetition alarm of
+``mpo.repetition`` against the first evaluation, with the worst answer shown), and ``config.yaml`` /
 ``run_info.json`` / ``summary.json`` when present; writes ``RUN_DIR/report/`` with one PNG per plot,
 ``summary.png`` (the six main panels) and ``report.html`` (self-contained: images inlined as base64).
 
@@ -25,10 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpo.config import LossConfig
+from mpo.repetition import METRICS as REPETITION_METRICS
+from mpo.repetition import rises, worst
+
 LN2 = math.log(2.0)
 REPORT_DIR = "report"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+BENCHMARKS_FILE = "benchmarks.jsonl"
+GENERATION_PREFIXES = ("bench/", "samples/")  # rows of BenchmarkEvalCallback / SampleGenerationCallback
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -38,12 +46,17 @@ class RunMetrics:
 
     train: list[dict[str, Any]] = field(default_factory=list)
     eval: list[dict[str, Any]] = field(default_factory=list)
+    # benchmark and sampled-generation rows (``bench/...``, ``samples/...`` keys)
+    generation: list[dict[str, Any]] = field(default_factory=list)
     bad_lines: list[int] = field(default_factory=list)  # 1-based line numbers that were not JSON objects
+    samples: list[dict[str, Any]] = field(default_factory=list)  # samples.jsonl rows
+    answers: list[dict[str, Any]] = field(default_factory=list)  # benchmarks.jsonl rows
 
     def series(self, key: str, split: str = "train") -> tuple[list[float], list[float]]:
-        """(steps, values) of ``key`` (``eval`` rows use the ``eval_`` prefix), non-finite kept as nan."""
-        rows = self.train if split == "train" else self.eval
-        name = key if split == "train" else f"eval_{key}"
+        """(steps, values) of ``key`` (``eval`` rows use the ``eval_`` prefix; ``generation`` rows
+        hold the benchmark and sample keys), non-finite kept as nan."""
+        rows = {"train": self.train, "eval": self.eval, "generation": self.generation}[split]
+        name = f"eval_{key}" if split == "eval" else key
         steps, values = [], []
         for r in rows:
             if name in r:
@@ -86,12 +99,15 @@ def read_metrics(path: str | Path) -> RunMetrics:
                 out.train.append(row)
             elif "eval_loss" in row:
                 out.eval.append(row)
+            elif any(k.startswith(GENERATION_PREFIXES) for k in row):
+                out.generation.append(row)
             # anything else (the end-of-training summary: train_runtime, ...) is not a curve
     return out
 
 
-def read_samples(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``samples.jsonl`` (empty when the file does not exist); malformed lines skipped."""
+def read_samples(path: str | Path, key: str = "generated") -> list[dict[str, Any]]:
+    """Rows of ``samples.jsonl`` (or, ``key="prediction"``, ``benchmarks.jsonl``); empty when the
+    file does not exist; malformed lines skipped."""
     p = Path(path)
     if not p.is_file():
         return []
@@ -101,41 +117,30 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and "generated" in row:
+        if isinstance(row, dict) and key in row:
             rows.append(row)
     return rows
 
 
-@dataclass
-class LossSettings:
-    """The weights the run used (from its config.yaml; the paper's defaults otherwise)."""
-
-    preference_weight: float = 0.8
-    quality_weight: float = 0.2
-    generation_weight: float = 1.0
-    preference_type: str = "sigmoid"
-    beta: float = 0.1
-    from_config: bool = False
-
-    @property
-    def expected_initial_preference(self) -> float:
-        """``w_p·ln2 + w_q·2ln2``: the non-NLL part of the loss when π = πref and δ = 0."""
-        return self.preference_weight * LN2 + self.quality_weight * 2 * LN2
+def expected_initial_preference(s: LossConfig) -> float:
+    """``w_p·ln2 + w_q·2ln2``: the non-NLL part of the loss when π = πref and δ = 0 (sigmoid DPO)."""
+    return s.preference_weight * LN2 + s.quality_weight * 2 * LN2
 
 
-def read_loss_settings(run_dir: Path) -> LossSettings:
+def read_loss_settings(run_dir: Path) -> LossConfig:
+    """The ``loss`` section of the run's ``config.yaml`` (the paper's defaults without one, or
+    when it cannot be read: the report still draws its plots)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return LossSettings()
+        return LossConfig()
     import yaml
 
-    loss = (yaml.safe_load(path.read_text()) or {}).get("loss") or {}
-    s = LossSettings(from_config=True)
-    for k in ("preference_weight", "quality_weight", "generation_weight", "beta"):
-        if isinstance(loss.get(k), (int, float)):
-            setattr(s, k, float(loss[k]))
-    s.preference_type = str(loss.get("preference_type", "sigmoid"))
-    return s
+    from mpo.config import ConfigError, load_section
+
+    try:
+        return load_section("loss", (yaml.safe_load(path.read_text()) or {}).get("loss") or {}, str(path))
+    except (ConfigError, yaml.YAMLError, AttributeError):
+        return LossConfig()
 
 
 # ---- verdict ---------------------------------------------------------------------------------
@@ -159,7 +164,7 @@ def _tail(xs: list[float], frac: float = 0.25) -> list[float]:
     return xs[-max(1, int(round(len(xs) * frac))) :] if xs else []
 
 
-def check_nonfinite(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_nonfinite(m: RunMetrics, s: LossConfig) -> list[Finding]:
     steps, loss = m.series("loss")
     for st, v in zip(steps, loss):
         if not math.isfinite(v):
@@ -176,7 +181,7 @@ def check_nonfinite(m: RunMetrics, s: LossSettings) -> list[Finding]:
     return []
 
 
-def check_loss_zero(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_loss_zero(m: RunMetrics, s: LossConfig) -> list[Finding]:
     loss = m.finite("loss")
     if not loss or abs(loss[0]) > 1e-4:
         return []
@@ -188,7 +193,7 @@ def check_loss_zero(m: RunMetrics, s: LossSettings) -> list[Finding]:
             "loss_zero",
             "Loss is 0 from the start",
             f"The first logged loss is {loss[0]:.3g}. With π = πref the MPO loss is at least "
-            f"{s.expected_initial_preference:.3f} (+ NLL), so 0 means no term is contributing"
+            f"{expected_initial_preference(s):.3f} (+ NLL), so 0 means no term is contributing"
             + ("; logps/chosen is exactly 0, so no response token is trained." if no_tokens else "."),
             "Check that the loss weights are not all 0, that responses survive max_length truncation "
             "(labels not all -100), and that chosen != rejected.",
@@ -196,14 +201,14 @@ def check_loss_zero(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_initial_loss(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_initial_loss(m: RunMetrics, s: LossConfig) -> list[Finding]:
     if s.preference_type != "sigmoid" or not m.train:
         return []
     first = m.train[0]
     loss, sft = _as_float(first.get("loss")), _as_float(first.get("loss/sft"))
     if loss is None or sft is None or not (math.isfinite(loss) and math.isfinite(sft)) or abs(loss) < 1e-4:
         return []
-    expected = s.expected_initial_preference + s.generation_weight * sft
+    expected = expected_initial_preference(s) + s.generation_weight * sft
     step = int(first.get("step", 0))
     if abs(loss - expected) <= 0.1 + 0.02 * abs(expected):
         return [
@@ -211,7 +216,7 @@ def check_initial_loss(m: RunMetrics, s: LossSettings) -> list[Finding]:
                 "ok",
                 "initial_loss",
                 f"Initial loss {loss:.3f} is as expected",
-                f"{s.expected_initial_preference:.3f} (preference + quality at π = πref) + "
+                f"{expected_initial_preference(s):.3f} (preference + quality at π = πref) + "
                 f"{s.generation_weight:g}×NLL {sft:.3f} = {expected:.3f} (first log, step {step}). A start "
                 "of 1.5-2 on a real model is normal: it is mostly the SFT term.",
             )
@@ -227,14 +232,14 @@ def check_initial_loss(m: RunMetrics, s: LossSettings) -> list[Finding]:
             "warn",
             "initial_loss",
             f"Initial loss {loss:.3f} is far from the expected {expected:.3f}",
-            f"Expected {s.expected_initial_preference:.3f} + {s.generation_weight:g}×NLL {sft:.3f} at step 0; {why}.",
+            f"Expected {expected_initial_preference(s):.3f} + {s.generation_weight:g}×NLL {sft:.3f} at step 0; {why}.",
             "Make model.ref_path the same checkpoint as model.path (or rebuild the reference cache), keep "
             "dropout off in the reference, and use logging_steps=1 to see the true step-0 loss.",
         )
     ]
 
 
-def check_accuracy_stuck(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_accuracy_stuck(m: RunMetrics, s: LossConfig) -> list[Finding]:
     acc = m.finite("rewards/accuracies")
     eval_acc = m.finite("rewards/accuracies", "eval")
     if len(acc) < 4:
@@ -259,7 +264,7 @@ def check_accuracy_stuck(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_margins_exploding(m: RunMetrics, s: LossSettings, limit: float = 10.0) -> list[Finding]:
+def check_margins_exploding(m: RunMetrics, s: LossConfig, limit: float = 10.0) -> list[Finding]:
     margins = m.finite("rewards/margins")
     if len(margins) < 2:
         return []
@@ -279,7 +284,7 @@ def check_margins_exploding(m: RunMetrics, s: LossSettings, limit: float = 10.0)
     ]
 
 
-def check_collapse(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_collapse(m: RunMetrics, s: LossConfig) -> list[Finding]:
     chosen = m.finite("logps/chosen")
     sft = m.finite("loss/sft")
     rejected = m.finite("logps/rejected")
@@ -310,7 +315,7 @@ def check_collapse(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_overfit(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_overfit(m: RunMetrics, s: LossConfig) -> list[Finding]:
     acc = m.finite("rewards/accuracies")
     eval_acc = m.finite("rewards/accuracies", "eval")
     if len(acc) < 2 or not eval_acc:
@@ -329,7 +334,7 @@ def check_overfit(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_delta_reset(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_delta_reset(m: RunMetrics, s: LossConfig) -> list[Finding]:
     steps, delta = m.series("bco/delta")
     for i in range(1, len(delta)):
         if abs(delta[i - 1]) > 1e-3 and abs(delta[i]) < 1e-9:
@@ -346,7 +351,7 @@ def check_delta_reset(m: RunMetrics, s: LossSettings) -> list[Finding]:
     return []
 
 
-def check_no_eval(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_no_eval(m: RunMetrics, s: LossConfig) -> list[Finding]:
     if m.eval or not m.train:
         return []
     return [
@@ -360,7 +365,7 @@ def check_no_eval(m: RunMetrics, s: LossSettings) -> list[Finding]:
     ]
 
 
-def check_steps_go_back(m: RunMetrics, s: LossSettings) -> list[Finding]:
+def check_steps_go_back(m: RunMetrics, s: LossConfig) -> list[Finding]:
     steps = [r.get("step") for r in m.train]
     for i in range(1, len(steps)):
         if isinstance(steps[i], int) and isinstance(steps[i - 1], int) and steps[i] < steps[i - 1]:
@@ -378,6 +383,95 @@ def check_steps_go_back(m: RunMetrics, s: LossSettings) -> list[Finding]:
     return []
 
 
+def _generation_series(m: RunMetrics, metrics: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """``bench/...`` and ``samples/...`` keys ending in one of ``metrics`` -> [(step, value), ...]."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in m.generation:
+        for k, v in row.items():
+            value = _as_float(v)
+            if k.startswith(GENERATION_PREFIXES) and k.rsplit("/", 1)[-1] in metrics and value is not None:
+                out.setdefault(k, []).append((int(row.get("step", 0)), value))
+    return out
+
+
+def _worst_answer(m: RunMetrics, source: str, step: int) -> str:
+    """The most repetitive answer ``source`` (``samples`` or ``bench/<name>``) gave at ``step``."""
+    if source == "samples":
+        rows, key = [r for r in m.samples if r.get("step") == step], "generated"
+    else:
+        name = source.split("/", 1)[1]
+        rows, key = (
+            [r for r in m.answers if r.get("step") == step and r.get("benchmark") == name],
+            "prediction",
+        )
+    found = worst(rows, key)
+    if found is None:
+        return ""
+    row, rep = found
+    text = str(row.get(key, ""))
+    shown = text if len(text) <= 300 else text[:300] + "…"
+    where = f"prompt {row.get('prompt_id')}" if source == "samples" else f"question {row.get('index')}"
+    ran_out = ", ran out of tokens" if rep.hit_limit else ""
+    return f' Worst at step {step} ({where}: {rep.longest_run} copies in a row{ran_out}): "{shown}"'
+
+
+def check_repetition(m: RunMetrics, s: LossConfig) -> list[Finding]:
+    """Sampled generations or benchmark answers that became repetitive against the first
+    evaluation (step 0 in a fresh run): more of them run out of tokens, longer repeated runs,
+    lower distinct-2 (``mpo.repetition``; InternVL issues #1241, #1217)."""
+    found = rises(_generation_series(m, REPETITION_METRICS))
+    if not found:
+        return []
+    by_source: dict[str, list] = {}
+    for r in found:
+        by_source.setdefault(r.key.rsplit("/", 1)[0], []).append(r)
+    parts = []
+    for source, items in by_source.items():
+        moves = ", ".join(
+            f"{r.key.rsplit('/', 1)[1]} {r.first:.3g} → {r.last:.3g} (step {r.first_step} → {r.last_step})"
+            for r in items
+        )
+        parts.append(f"{source}: {moves}.{_worst_answer(m, source, items[0].last_step)}")
+    return [
+        Finding(
+            "warn",
+            "repetition",
+            "Generations became repetitive",
+            " ".join(parts),
+            "Lower the learning rate or train fewer steps, keep loss.generation_weight at 1.0 (the SFT term "
+            "holds fluent chosen answers up), raise β, and check that the chosen answers are not themselves "
+            "truncated or repetitive (a DropoutNTP-style continuation often is).",
+        )
+    ]
+
+
+def check_benchmarks(m: RunMetrics, s: LossConfig) -> list[Finding]:
+    """Benchmark accuracy from the first to the last evaluation; a fall of over 0.05 is flagged."""
+    series = _generation_series(m, ("accuracy",))
+    findings, moves = [], []
+    for key, points in sorted(series.items()):
+        if key.count("/") != 2:  # bench/<name>/accuracy, not its categories
+            continue
+        name = key.split("/")[1]
+        (s0, v0), (s1, v1) = points[0], points[-1]
+        moves.append(f"{name} {v0:.3f} → {v1:.3f} (step {s0} → {s1})")
+        if len(points) >= 2 and v1 < v0 - 0.05:
+            findings.append(
+                Finding(
+                    "warn",
+                    "benchmark_drop",
+                    f"Benchmark accuracy fell on {name}",
+                    f"{name}: accuracy {v0:.3f} at step {s0}, {v1:.3f} at step {s1}. The preference data may "
+                    "pull the model away from what the benchmark measures.",
+                    "Compare with the held-out preference accuracy; lower the learning rate or train fewer "
+                    "steps; mix in data closer to the benchmark's task.",
+                )
+            )
+    if moves:
+        findings.append(Finding("ok", "benchmarks", "Benchmark accuracy", "; ".join(moves) + "."))
+    return findings
+
+
 CHECKS = (
     check_steps_go_back,
     check_nonfinite,
@@ -389,12 +483,14 @@ CHECKS = (
     check_overfit,
     check_delta_reset,
     check_no_eval,
+    check_repetition,
+    check_benchmarks,
 )
 
 
-def diagnose(m: RunMetrics, settings: LossSettings | None = None) -> list[Finding]:
+def diagnose(m: RunMetrics, settings: LossConfig | None = None) -> list[Finding]:
     """Every check's findings, problems first; a closing ``ok`` summary when nothing is wrong."""
-    s = settings or LossSettings()
+    s = settings or LossConfig()
     found = [f for check in CHECKS for f in check(m, s)]
     if m.train and not any(f.level in ("bad", "warn") for f in found):
         found.append(_healthy_summary(m))
@@ -432,6 +528,7 @@ class PlotSpec:
     hline: float | None = None
     hline_label: str = ""
     with_eval: bool = True  # False where the eval value repeats the train one (δ, reference log-probs)
+    split: str = "train"  # "generation": benchmark and sampled-generation rows
 
 
 PLOTS = (
@@ -463,11 +560,13 @@ def _draw(ax, m: RunMetrics, spec: PlotSpec) -> bool:
         # A reference curve takes its policy curve's colour, dotted.
         base = key.replace("ref_", "")
         color = f"C{spec.keys.index(base) if is_ref and base in spec.keys else i}"
-        x, y = m.series(key)
+        x, y = m.series(key, spec.split)
         if x:
             ax.plot(x, y, ":" if is_ref else "-", color=color, label=key, linewidth=1.4)
             drawn = True
-        ex, ey = m.series(key, "eval") if spec.with_eval and not is_ref else ([], [])
+        ex, ey = (
+            m.series(key, "eval") if spec.with_eval and not is_ref and spec.split == "train" else ([], [])
+        )
         if ex:
             ax.plot(ex, ey, "--o", color=color, label=f"eval {key}", markersize=4, linewidth=1.0)
             drawn = True
@@ -492,10 +591,47 @@ def _figure(**kw):
     return plt, plt.subplots(**kw)
 
 
+def generation_plots(m: RunMetrics) -> list[PlotSpec]:
+    """Per benchmark: its accuracy (overall and per category); and the repetition numbers of every
+    benchmark and of the sampled generations (shares on one plot, longest runs on another)."""
+    keys = sorted({k for row in m.generation for k in row if k.startswith(GENERATION_PREFIXES)})
+    specs = []
+    for name in sorted({k.split("/")[1] for k in keys if k.startswith("bench/")}):
+        acc = tuple(k for k in keys if k.startswith(f"bench/{name}/accuracy"))
+        specs.append(
+            PlotSpec(f"bench_{name}", f"Benchmark {name}: accuracy", acc, with_eval=False, split="generation")
+        )
+    share = tuple(k for k in keys if k.rsplit("/", 1)[-1] in ("limit_share", "distinct2"))
+    runs = tuple(k for k in keys if k.rsplit("/", 1)[-1] == "longest_run")
+    if share:
+        specs.append(
+            PlotSpec(
+                "repetition",
+                "Repetition: share at the token limit, distinct-2",
+                share,
+                with_eval=False,
+                split="generation",
+            )
+        )
+    if runs:
+        specs.append(
+            PlotSpec(
+                "repetition_runs",
+                "Repetition: longest run of one n-gram (copies)",
+                runs,
+                1.0,
+                "no repeat",
+                False,
+                "generation",
+            )
+        )
+    return specs
+
+
 def write_plots(m: RunMetrics, out_dir: Path) -> dict[str, Path]:
-    """One PNG per ``PLOTS`` entry that has data; returns {name: path}."""
+    """One PNG per ``PLOTS`` entry (and per benchmark / repetition plot) that has data; {name: path}."""
     written = {}
-    for spec in PLOTS:
+    for spec in (*PLOTS, *generation_plots(m)):
         plt, (fig, ax) = _figure(figsize=(6.4, 3.6))
         try:
             if _draw(ax, m, spec):
@@ -579,10 +715,37 @@ def _samples_html(samples: list[dict[str, Any]]) -> str:
             f"<b>Rejected:</b> {html.escape(str(first.get('rejected', '')))}</p>"
         )
         body = "".join(
-            f'<tr><td>{int(r.get("step", 0))}</td><td class="gen">{_visible(str(r["generated"]))}</td></tr>'
+            f'<tr><td>{int(r.get("step", 0))}</td><td class="gen">{_visible(str(r["generated"]))}'
+            + (" <i>(ran out of tokens)</i>" if r.get("hit_limit") else "")
+            + "</td></tr>"
             for r in sorted(rows, key=lambda r: r.get("step", 0))
         )
         out.append(f"<table><tr><th>step</th><th>greedy answer</th></tr>{body}</table>")
+    return "\n".join(out)
+
+
+def _answers_html(answers: list[dict[str, Any]], shown: int = 12) -> str:
+    """Each benchmark's answers at its last evaluation (the first ``shown`` questions)."""
+    if not answers:
+        return "<p>No benchmark answers (set <code>training.eval_benchmarks</code> to log some).</p>"
+    out = []
+    for name in sorted({str(r.get("benchmark")) for r in answers}):
+        rows = [r for r in answers if str(r.get("benchmark")) == name]
+        last = max(int(r.get("step", 0)) for r in rows)
+        rows = [r for r in rows if int(r.get("step", 0)) == last]
+        out.append(
+            f"<h3>{html.escape(name)} at step {last} <small>({len(rows)} questions; {BENCHMARKS_FILE} has all)</small></h3>"
+        )
+        body = "".join(
+            f"<tr><td>{html.escape(str(r.get('index')))}</td><td>{html.escape(str(r.get('question')))}</td>"
+            f'<td>{html.escape(str(r.get("answer")))}</td><td class="gen">{_visible(str(r.get("prediction", "")))}</td>'
+            f"<td>{html.escape(str(r.get('extracted')))}</td><td>{'✓' if r.get('correct') else '✗'}</td></tr>"
+            for r in rows[:shown]
+        )
+        out.append(
+            "<table><tr><th>index</th><th>question</th><th>answer</th><th>greedy answer</th><th>read as</th>"
+            f"<th></th></tr>{body}</table>"
+        )
     return "\n".join(out)
 
 
@@ -602,7 +765,7 @@ def render_html(
     samples: list[dict[str, Any]],
 ) -> str:
     """The self-contained report page."""
-    missing = [s.name for s in PLOTS if s.name not in plots]
+    missing = [s.name for s in PLOTS if s.name not in plots]  # the benchmark plots are optional
     notes = []
     if missing:
         notes.append(f"Not logged in this run: {', '.join(missing)}.")
@@ -626,6 +789,8 @@ Verdict: <b>{html.escape(headline(findings))}</b>. {html.escape(" ".join(notes))
 <div class="grid">{"".join(_img(p) for p in plots.values())}</div>
 <h2>Sample generations</h2>
 {_samples_html(samples)}
+<h2>Benchmark answers</h2>
+{_answers_html(m.answers)}
 <h2>Run</h2>
 {_json_block(run_dir, "summary.json")}{_json_block(run_dir, "run_info.json")}{_json_block(run_dir, "config.yaml")}
 </body></html>
@@ -656,10 +821,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         raise ValueError(
             f"{metrics_path}: no training or evaluation log lines (has the run logged a step yet?)"
         )
+    m.samples = read_samples(run / SAMPLES_FILE)
+    m.answers = read_samples(run / BENCHMARKS_FILE, "prediction")
     findings = diagnose(m, read_loss_settings(run))
     plots = write_plots(m, out)
     summary_png = write_summary_figure(m, findings, out / "summary.png", run.resolve().name)
-    samples = read_samples(run / SAMPLES_FILE)
+    samples = m.samples
     page = out / "report.html"
     page.write_text(render_html(run, m, findings, plots, summary_png, samples), encoding="utf-8")
     return Report(page, summary_png, plots, findings)

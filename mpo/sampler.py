@@ -4,134 +4,59 @@ A micro-batch is padded to its longest sequence, and with InternVL's dynamic til
 length runs from a few hundred tokens (one tile) to over 3,000 (12 tiles + thumbnail), so random
 batches waste most of their compute on padding. transformers' ``LengthGroupedSampler`` looks for
 an ``input_ids`` column, which preference data does not have (the peers crash there); here the
-length of a pair is estimated from its record without decoding any image:
+length of a pair is its longer sequence, read from the data set's length index
+(``mpo.data.lengths``: computed once per annotation file, in parallel, and cached), capped at
+``data.max_length``.
 
-    length = system + question tokens + 256 x tiles (from the image header) + max(chosen, rejected) tokens
+A video's frames are estimated as the encoder's frame budget would choose them (the most that leave
+the longer answer whole inside ``data.max_length``, at most ``video_max_frames`` and the frame
+count the container's header announces), without demuxing the file.
 
 The grouping follows ``get_length_grouped_indices`` in transformers (``trainer_pt_utils``): shuffle
 with a seeded generator, cut into mega-batches of ``mega_batch_mult x batch_size``, sort each by
 length, so consecutive ``batch_size`` slices hold similar lengths while the order stays random at
-the mega-batch scale. The longest batch goes first so an out-of-memory shows at step 1.
+the mega-batch scale. The longest batch goes first so an out-of-memory shows at step 1. It runs on
+numpy arrays (8 bytes per pair), not Python lists, so millions of pairs cost tens of megabytes.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from mpo.data.mmpr import DataError
-from mpo.data.pairs import media_entries, media_fields, media_source, tile_budget
-from mpo.data.tiling import choose_grid, per_image_budget
+from mpo.data.lengths import length_index
 
 
-def image_tiles_from_header(source, max_num: int, min_num: int, image_size: int, use_thumbnail: bool) -> int:
-    """Tiles InternVL's tiling gives an image (a path or bytes); reads the size from the header
-    only (PIL is lazy). Unreadable images count as one tile: the dataset reports them when it loads them.
-    """
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            width, height = im.size
-    except (FileNotFoundError, UnidentifiedImageError, OSError, AttributeError, TypeError, ValueError):
-        return 1
-    cols, rows = choose_grid(width, height, min(min_num, max_num), max_num, image_size)
-    n = cols * rows
-    return n + 1 if use_thumbnail and n > 1 else n
-
-
-def _record_tiles(pairs, spec, obj: dict) -> int:
-    cfg, vision = pairs.cfg, pairs.encoder.vision
-    try:
-        kind, _ = media_entries(obj, "")  # the encoder's rules: "" and [] mean no media
-        fields = media_fields(obj, "")
-    except DataError:
-        return 0  # a bad record: the dataset skips or reports it
-    if kind == "video":
-        return cfg.video_max_frames  # an upper bound; frames are one tile each
-    if kind == "text":
-        return 0
-    per_image = per_image_budget(tile_budget(spec, cfg), len(fields))
-    total = 0
-    for field, value in fields:
-        try:
-            source = media_source(spec.root, value, "", field)
-        except DataError:
-            total += 1
-            continue
-        total += image_tiles_from_header(
-            source, per_image, cfg.min_dynamic_patch, vision.image_size, cfg.use_thumbnail
-        )
-    return total
-
-
-def pair_lengths(pairs, text_batch: int = 1024, packed: bool = False) -> np.ndarray:
-    """Estimated tokens per pair (the longer of its two sequences) for a ``PairDataset``, ``(N,)``.
-
-    Text is tokenized with the dataset's tokenizer in batches, the template's fixed tokens added;
-    images contribute ``tokens_per_tile x tiles`` (videos: ``video_max_frames`` tiles). Records
-    that cannot be read get length 0 and are left to the dataset to report. ``packed``: the
-    tokens of the pair in the shared-prompt layout instead, the prompt once and both answers
-    (each sequence capped at ``max_length``).
-    """
-    tokenizer = pairs.encoder.template.tokenizer
-    tokens_per_tile = pairs.encoder.vision.tokens_per_tile
-    # System + empty user turn, and the answer's "<|im_start|>assistant\n" ... "<|im_end|>\n".
-    fixed = len(pairs.encoder.template.encode_prompt("")) + len(pairs.encoder.template.prefix_ids) + 2
-    n = len(pairs)
-    lengths = np.zeros(n, dtype=np.int64)
-    for start in range(0, n, text_batch):
-        idx, questions, answers = [], [], []
-        for i in range(start, min(n, start + text_batch)):
-            try:
-                spec, _, obj = pairs.source.get(i)
-            except DataError:
-                continue
-            texts = [
-                obj.get(k) if isinstance(obj.get(k), str) else "" for k in ("question", "chosen", "rejected")
-            ]
-            idx.append(i)
-            try:
-                n_media = len(media_entries(obj, "")[1])
-            except DataError:
-                n_media = 0
-            # Each image becomes <img> + context tokens + </img>; a missing placeholder adds "\n".
-            questions.append(texts[0].replace("<image>", "").replace("<video>", ""))
-            answers += texts[1:]
-            extra = 2 * n_media + (1 if n_media and "<image>" not in texts[0] else 0)
-            lengths[i] = tokens_per_tile * _record_tiles(pairs, spec, obj) + extra
-        if not idx:
-            continue
-        q = tokenizer(questions, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answers, add_special_tokens=False)["input_ids"]
-        max_len = pairs.cfg.max_length
-        for k, i in enumerate(idx):
-            prompt = lengths[i] + fixed - 2 + len(q[k])  # with <|im_start|>assistant\n, shared by both
-            answer_lens = (len(a[2 * k]) + 2, len(a[2 * k + 1]) + 2)  # + <|im_end|>\n
-            if packed:
-                lengths[i] = sum(min(max_len, prompt + n) for n in answer_lens) - min(max_len, prompt)
-            else:
-                lengths[i] = min(max_len, prompt + max(answer_lens))
-    return lengths
+def pair_lengths(pairs) -> np.ndarray:
+    """Tokens of each pair's longer sequence, capped at ``data.max_length``, int32 ``(N,)``, for a
+    ``PairDataset``, from its length index (built and cached on first use, reused after)."""
+    return length_index(pairs).pair_tokens(pairs.cfg.max_length)
 
 
 def length_grouped_indices(
     lengths: np.ndarray, batch_size: int, generator: torch.Generator, mega_batch_mult: int = 50
-) -> list[int]:
-    """A permutation of ``range(len(lengths))`` whose consecutive ``batch_size`` slices have similar lengths."""
+) -> np.ndarray:
+    """A permutation of ``range(len(lengths))``, int64, whose consecutive ``batch_size`` slices have
+    similar lengths. Within a mega-batch, equal lengths keep their shuffled order (a stable sort)."""
     n = len(lengths)
-    perm = torch.randperm(n, generator=generator).tolist()
+    order = torch.randperm(n, generator=generator).numpy()
+    if n == 0:
+        return order
+    lengths = np.asarray(lengths).astype(np.int64, copy=False)
     mega = max(batch_size, batch_size * mega_batch_mult)
-    groups = [sorted(perm[i : i + mega], key=lambda j: -int(lengths[j])) for i in range(0, n, mega)]
-    batches = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
-    if not batches:
-        return []
-    longest = max(range(len(batches)), key=lambda b: int(lengths[batches[b][0]]))
-    batches[0], batches[longest] = batches[longest], batches[0]
-    return [i for b in batches for i in b]
+    for lo in range(0, n, mega):
+        group = order[lo : lo + mega]
+        order[lo : lo + mega] = group[np.argsort(-lengths[group], kind="stable")]
+    # mega is a multiple of batch_size, so the batches are the consecutive slices of the order.
+    starts = np.arange(0, n, batch_size)
+    longest = int(np.argmax(lengths[order[starts]]))  # a sorted batch's first pair is its longest
+    if longest == 0:
+        return order
+    lo, hi = int(starts[longest]), min(n, int(starts[longest]) + batch_size)
+    return np.concatenate([order[lo:hi], order[batch_size:lo], order[:batch_size], order[hi:]])
 
 
 class EpochTaggedSampler(torch.utils.data.Sampler[int]):
@@ -164,7 +89,7 @@ class LengthGroupedPairSampler(torch.utils.data.Sampler[int]):
     """Seeded, per-epoch deterministic sampler that puts pairs of similar length in a micro-batch.
 
     Args:
-        lengths: ``(N,)`` estimated tokens per pair (``pair_lengths``).
+        lengths: ``(N,)`` tokens per pair (``pair_lengths``); a memory-mapped array is not copied.
         batch_size: pairs per micro-batch on one process.
         seed: the order depends only on ``seed`` and the epoch (``set_epoch``).
         num_replicas, rank: leave at 1/0 under ``transformers.Trainer`` (accelerate then hands
@@ -198,11 +123,11 @@ class LengthGroupedPairSampler(torch.utils.data.Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self) -> list[int]:
+    def _order(self) -> np.ndarray:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return length_grouped_indices(self.lengths, self.batch_size, g, self.mega_batch_mult)
 
-    def _rank_batches(self, order: list[int]) -> list[list[int]]:
+    def _rank_batches(self, order) -> list:
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         per_rank = math.ceil(len(batches) / self.num_replicas)
         batches += batches[: per_rank * self.num_replicas - len(batches)]
@@ -211,8 +136,8 @@ class LengthGroupedPairSampler(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = self._order()
         if self.num_replicas == 1:
-            return iter(order)
-        return iter([i for b in self._rank_batches(order) for i in b])
+            return (int(i) for i in order)  # lazily: a list of Python ints costs ~36 bytes per pair
+        return iter([int(i) for b in self._rank_batches(order) for i in b])
 
     def __len__(self) -> int:
         if self.num_replicas == 1:

@@ -65,6 +65,7 @@ from mpo import checkpoints
 from mpo.data.events import DataEvents, gather_events
 from mpo.data.mmpr import DataError
 from mpo.distributed import deepspeed_stage
+from mpo.files import fsync_tree, write_atomic
 from mpo.logprobs import batch_logps, lockstep_lm_head_calls, trained_positions
 from mpo.loss import MPOLoss, PairLogps, PairTerms
 from mpo.shared_prompt import packed_batch_logps
@@ -184,6 +185,8 @@ class MPOTrainer(Trainer):
         max_bad_fraction: the share of bad training pairs that stops the run.
         max_tokens_per_batch: with ``train_lengths`` (packed lengths), training micro-batches are
             packed pairs under this token budget (``mpo.packing.PackedBatchSampler``).
+        run_lock: the ``mpo.checkpoints.RunDirLock`` this run holds on its output dir (rank 0);
+            released by ``release_run_dir`` (and at process exit).
     """
 
     def __init__(
@@ -197,9 +200,15 @@ class MPOTrainer(Trainer):
         train_lengths: Callable[[], np.ndarray] | None = None,
         max_bad_fraction: float = 1.0,
         max_tokens_per_batch: int | None = None,
+        run_lock=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.run_lock = run_lock
+        if run_lock is not None:
+            import atexit
+
+            atexit.register(run_lock.release)
         self.loss_fn = loss_fn
         self.reference = reference
         self.logprob_chunk_size = logprob_chunk_size
@@ -405,17 +414,30 @@ class MPOTrainer(Trainer):
             )
 
     # ---- state: δ and data events in every checkpoint -----------------------------------------
+    def release_run_dir(self) -> None:
+        """Give up the output dir's lock (the run is over)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
     def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial=trial))
+        ckpt = run_dir / f"checkpoint-{self.state.global_step}"
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:
+            if checkpoints.is_disk_full(exc, ckpt):
+                raise checkpoints.CheckpointError(
+                    f"No space left on device while writing {ckpt} ({type(exc).__name__}: {exc}). This "
+                    "partial checkpoint is never resumed from; free space (or move training.output_dir) and "
+                    "resume with training.resume_from_checkpoint=latest"
+                ) from exc
+            raise
         finally:
             self.args.save_total_limit = limit
-        run_dir = Path(self._get_output_dir(trial=trial))
-        ckpt = run_dir / f"checkpoint-{self.state.global_step}"
         data_events = gather_events(self.data_events["train"])  # collective: every rank saves
         if ckpt.is_dir():
-            checkpoints.fsync_tree(ckpt)  # each rank flushes what it wrote (ZeRO shards included)
+            fsync_tree(ckpt)  # each rank flushes what it wrote (ZeRO shards included)
         if _dist_ready():
             dist.barrier()  # every rank's shards are on disk before the checkpoint is marked complete
         if self.args.should_save:
@@ -425,10 +447,10 @@ class MPOTrainer(Trainer):
                 "zero_stage": deepspeed_stage(self.args.deepspeed),
                 "data_events": data_events.to_dict(),
             }
-            checkpoints.write_atomic(ckpt / checkpoints.MPO_STATE_NAME, json.dumps(state))
-            # Written last: a checkpoint without it is incomplete and never resumed from.
-            marker = {"step": self.state.global_step, "time": time.time()}
-            checkpoints.write_atomic(ckpt / checkpoints.COMPLETE_MARKER, json.dumps(marker))
+            write_atomic(ckpt / checkpoints.MPO_STATE_NAME, json.dumps(state))
+            # Written last, with every file's size and checksum: a checkpoint without it is
+            # incomplete and never resumed from; one whose files changed since is refused.
+            checkpoints.write_complete_marker(ckpt, self.state.global_step)
             checkpoints.rotate_complete_checkpoints(run_dir, limit)
         if _dist_ready():
             dist.barrier()

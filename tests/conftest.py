@@ -11,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_mpo_cache(tmp_path_factory):
+    """Length indexes built by the tests go to a throwaway folder, never the user's cache."""
+    os.environ["MPO_CACHE"] = str(tmp_path_factory.mktemp("mpo-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """HF-format tiny InternVL (seed 0) with its tokenizer."""

@@ -83,3 +83,20 @@ def varlen_attention_reference(
         scores = scores.masked_fill(~mask, float("-inf"))
         out[cu_q[i] : cu_q[i + 1]] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
     return out
+
+
+def length_grouped_indices_lists(
+    lengths, batch_size: int, generator: torch.Generator, mega_batch_mult: int = 50
+):
+    """transformers' ``get_length_grouped_indices`` recipe on Python lists (the sampler's earlier
+    form): shuffle, sort each mega-batch by length (stable), longest batch first."""
+    n = len(lengths)
+    perm = torch.randperm(n, generator=generator).tolist()
+    mega = max(batch_size, batch_size * mega_batch_mult)
+    groups = [sorted(perm[i : i + mega], key=lambda j: -int(lengths[j])) for i in range(0, n, mega)]
+    batches = [g[i : i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    if not batches:
+        return []
+    longest = max(range(len(batches)), key=lambda b: int(lengths[batches[b][0]]))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for b in batches for i in b]

@@ -244,7 +244,9 @@ def test_force_image_size_wins_over_vit_default():
     ("edit", "message"),
     [
         (lambda c: c.update(ps_version="v1"), "ps_version"),
-        (lambda c: c["llm_config"].update(architectures=["InternLM2ForCausalLM"]), "InternLM2ForCausalLM"),
+        (lambda c: c["llm_config"].update(architectures=["GptOssForCausalLM"]), "GPT-OSS mixture-of-experts"),
+        (lambda c: c["llm_config"].update(architectures=["MysteryForCausalLM"]), "llm_config.architectures"),
+        (lambda c: c["vision_config"].update(qk_normalization=True, layer_norm_eps=1e-5), "layer_norm_eps"),
     ],
 )
 def test_unsupported_original_configs_are_named(edit, message):

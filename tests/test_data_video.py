@@ -1,4 +1,4 @@
-"""Video lines: PyAV decoding, uniform frame sampling, one tile per frame, Frame{i} prompt."""
+"""Video lines through the pair encoder: segment-middle frames, one tile per frame, Frame{i} prompt."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mpo.config import DataConfig
 from mpo.data.pairs import PairDataset, SampleError
 from mpo.data.template import DEFAULT_SYSTEM_MESSAGE
-from mpo.data.tiling import VisionSpec
-from mpo.data.video import frame_indices, video_frames
+from mpo.data.tiling import IMAGENET_MEAN, IMAGENET_STD, VisionSpec
 
 VISION = VisionSpec(image_size=28, tokens_per_tile=2)
 
@@ -43,22 +43,24 @@ def video(tmp_path_factory):
     return folder
 
 
-def test_frame_indices_are_segment_middles():
-    assert frame_indices(20, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
-    assert frame_indices(20, 20) == list(range(20))
-    assert frame_indices(3, 6) == [0, 0, 1, 1, 2, 2]  # fewer frames than asked: repeats
-
-
 @pytest.mark.parametrize(
     "min_frames,max_frames,expected",
-    [(8, 32, list(range(20))), (4, 8, [1, 3, 6, 8, 11, 13, 16, 18]), (30, 32, frame_indices(20, 30))],
+    # 20 frames: all 20 when allowed; 8 segment middles; a clip shorter than video_min_frames
+    # gives its own frames once each (no padding with repeats).
+    [(8, 32, list(range(20))), (4, 8, [1, 3, 6, 8, 11, 13, 16, 18]), (30, 32, list(range(20)))],
 )
-def test_video_frames_sample_uniformly(video, min_frames, max_frames, expected):
+def test_video_pairs_sample_segment_middles(video, tokenizer, min_frames, max_frames, expected):
+    line = {"video": "clip.mkv", "question": "What changes?", "chosen": "a", "rejected": "b"}
+    (video / "m.jsonl").write_text(json.dumps(line) + "\n")
     cfg = DataConfig(video_min_frames=min_frames, video_max_frames=max_frames)
-    frames = video_frames(video / "clip.mkv", cfg, "x.jsonl:1")
-    assert len(frames) == len(expected)
-    # Which source frame each one is: greys are 10 apart, the RGB->YUV->RGB round trip moves them by 1.
-    assert [round((grey(f) - 20) / 10) for f in frames] == expected
+    pair = PairDataset(video / "m.jsonl", tokenizer, VISION, cfg)[0][0]
+    assert pair["video"]["frame_numbers"] == expected and pair["num_tiles"] == [1] * len(expected)
+    # Which source frame each tile is: greys are 10 apart (a tile is the frame resized, normalised).
+    assert pair["video"]["timestamps_s"] == pytest.approx([k / 10 for k in expected], abs=1e-3)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    raw = (pair["pixel_values"] * std + mean).mean(dim=(1, 2, 3)) * 255
+    assert [round((float(g) - 20) / 10) for g in raw] == expected
 
 
 def test_video_pair_prompt_and_tiles(video, tokenizer):

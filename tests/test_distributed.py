@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import assert_same_training  # tests/ is on sys.path under pytest
+from test_faults import _with_bad_lines  # tests/ is on sys.path under pytest
+from tolerances import assert_same_training
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -103,10 +104,12 @@ def test_two_ranks_match_single_process(common, single_process, tmp_path, stage)
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2
     _assert_same_losses(out, single_process, [1, 2, 3])
-    # Only rank 0 writes: exactly one training line per step (and one train-end line).
+    # Only rank 0 writes: exactly one training line per step (and one train-end line), and the
+    # sampled answers' repetition numbers at the start and the end (demo.yaml samples).
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r and "train_runtime" not in r] == [1, 2, 3]
-    assert len(lines) == 4
+    assert [r["step"] for r in lines if "samples/limit_share" in r] == [0, 3]
+    assert len(lines) == 4 + 2
     from transformers import InternVLForConditionalGeneration
 
     from mpo.checkpoints import COMPLETE_MARKER
@@ -260,3 +263,42 @@ def test_packed_batches_on_two_zero3_ranks_match_one_process(common, demo_data, 
         w = want[step]
         assert got[step]["bco/num_rewards"] == w["bco/num_rewards"]
         assert abs(got[step]["loss"] - w["loss"]) <= loss_bound(w, [w], 0.1, (0.8, 0.0, 1.0)), step
+
+
+def test_all_skipped_micro_batches_and_steps_under_deepspeed(common, demo_data, tmp_path):
+    """Per-device batch 1, the official setting: a skipped line empties a micro-batch. Two ZeRO-2
+    ranks × 2 accumulation steps (rank r reads lines 4s+r and 4s+r+2 of step s): step 1 has both
+    of rank 1's pairs skipped, step 2 every pair, step 4 one. They train on and match one process
+    reading the same global batches (batch 1 × 4), up to rounding; ZeRO-1 in one process (where
+    this used to fail with "loss must be a scalar tensor") matches it too. SGD and no BCO term, as
+    in tests/test_faults.py: they make the comparison tight."""
+    meta = _with_bad_lines(demo_data, tmp_path, bad_at=(1, 3, 4, 5, 6, 7, 12), n=16)
+    args = [
+        *common, f"data.meta_path={meta}", "data.on_bad_sample=skip", "data.max_bad_fraction=0.9",
+        "training.max_steps=4", "training.save_strategy=no", "training.train_sampling_strategy=sequential",
+        "training.optim=sgd", "training.learning_rate=0.1", "loss.quality_weight=0",
+        "training.per_device_train_batch_size=1",
+    ]  # fmt: skip
+    one, two, zero1 = tmp_path / "one", tmp_path / "two", tmp_path / "zero1"
+    _train([*args, "training.gradient_accumulation_steps=4", f"training.output_dir={one}"])
+    _train(
+        [*args, "training.gradient_accumulation_steps=2", _deepspeed("zero2"), f"training.output_dir={two}"],
+        2,
+    )
+    _train(
+        [
+            *args,
+            "training.gradient_accumulation_steps=4",
+            _deepspeed("zero1"),
+            f"training.output_dir={zero1}",
+        ],
+        1,
+    )
+    want = _train_rows(one)
+    assert want[2]["loss"] == 0.0 and "loss/dpo" not in want[2]  # a step with no pair at all
+    for got in (two, zero1):
+        rows = _train_rows(got)
+        assert rows[2]["loss"] == 0.0 and rows[2]["bco/num_rewards"] == want[1]["bco/num_rewards"]
+        assert_same_training({s: rows[s] for s in (1, 3, 4)}, {s: want[s] for s in (1, 3, 4)})
+        skips = json.loads((got / "data_skips.json").read_text())
+        assert skips["skipped"] == {"missing_image": 7} and skips["seen"] == 16

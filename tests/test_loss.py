@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mpo.config import LossConfig
 from mpo.loss import MPOLoss, PairLogps, RewardShift, bco_pair_loss, preference_loss
@@ -70,7 +71,7 @@ def test_weights_switch_terms_off_and_combine_linearly():
         parts[name] = mpo_loss(pc, pr, rc, rr, nt, 0.3, **weights)[0].item()
     assert parts["p"] == pytest.approx(preference_loss(pc - rc, pr - rr, 0.1).mean().item(), rel=1e-6)
     assert parts["q"] == pytest.approx(bco_pair_loss(pc - rc, pr - rr, 0.1, 0.3).mean().item(), rel=1e-6)
-    assert parts["g"] == pytest.approx((-pc.sum() / nt.sum()).item(), rel=1e-6)
+    assert parts["g"] == pytest.approx((-pc / nt).mean().item(), rel=1e-6)  # sequence normalisation
     full, _ = mpo_loss(pc, pr, rc, rr, nt, 0.3)
     assert full.item() == pytest.approx(0.8 * parts["p"] + 0.2 * parts["q"] + parts["g"], rel=1e-6)
     loss, _ = mpo_loss(pc, pr, rc, rr, nt, 0.3, generation_weight=0.0)
@@ -256,3 +257,58 @@ def test_ipo_averages_per_token_like_trl(logps_batch):
 def test_unknown_preference_type_raises():
     with pytest.raises(ValueError, match="unknown preference loss"):
         preference_loss(torch.zeros(1), torch.zeros(1), 0.1, "nope")
+
+
+def test_sequence_sft_is_the_official_trainers_formula():
+    """The official run: InternVL's ``trainer_dpo.py`` on TRL 0.10.1 adds ``rpo_alpha`` × the
+    chosen tokens' ``nn.CrossEntropyLoss()`` (a mean over the micro-batch's chosen tokens) to each
+    micro-batch's loss; with per-device batch 1 and DeepSpeed averaging over accumulation steps
+    and ranks, the step's loss is the mean over pairs of (0.8·L_p + 0.2·L_q + per-token NLL).
+    Written here from those semantics on per-token log-probs whose chosen answers are 20 and 400
+    tokens long; float64, so values and gradients agree to rounding (1e-12)."""
+    g = torch.Generator().manual_seed(7)
+    lengths = {"chosen": (20, 400), "rejected": (15, 30)}
+    tokens = {
+        k: [-torch.rand(n, generator=g, dtype=torch.float64) * 3 for n in v] for k, v in lengths.items()
+    }
+    for t in tokens["chosen"] + tokens["rejected"]:
+        t.requires_grad_(True)
+    ref = {"chosen": [-25.0, -600.0], "rejected": [-20.0, -50.0]}
+    beta, delta = 0.1, 0.05
+
+    def official() -> torch.Tensor:
+        per_micro_batch = []
+        for p in range(2):  # one pair per micro-batch
+            dc = tokens["chosen"][p].sum() - ref["chosen"][p]
+            dr = tokens["rejected"][p].sum() - ref["rejected"][p]
+            sigmoid = -F.logsigmoid(beta * dc - beta * dr)
+            bco = -F.logsigmoid(beta * dc - delta) - F.logsigmoid(-(beta * dr - delta))
+            nll = -tokens["chosen"][p].mean()  # CrossEntropyLoss(): mean over the chosen tokens
+            per_micro_batch.append(0.8 * sigmoid + 0.2 * bco + 1.0 * nll)
+        return torch.stack(per_micro_batch).mean()  # averaged over accumulation steps and ranks
+
+    def ours(normalization: str, **weights) -> torch.Tensor:
+        pc = torch.stack([t.sum() for t in tokens["chosen"]])
+        pr = torch.stack([t.sum() for t in tokens["rejected"]])
+        loss, _ = mpo_loss(pc, pr, torch.tensor(ref["chosen"], dtype=torch.float64),
+                           torch.tensor(ref["rejected"], dtype=torch.float64), torch.tensor(lengths["chosen"]),
+                           delta, sft_normalization=normalization, **weights)  # fmt: skip
+        return loss
+
+    def value_and_grads(fn):
+        leaves = tokens["chosen"] + tokens["rejected"]
+        value = fn()
+        return value.item(), torch.autograd.grad(value, leaves, allow_unused=True)
+
+    want, want_grads = value_and_grads(official)
+    got, got_grads = value_and_grads(lambda: ours("sequence"))
+    assert got == pytest.approx(want, rel=1e-12)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    # The SFT gradient's share of the 20-token answer (dL_g/d logp is −1/n per token for sequence,
+    # −1/T for token): half of it under the official formula, 20/420 = 4.8 % under one token mean.
+    sft_only = {"preference_weight": 0.0, "quality_weight": 0.0}
+    for normalization, share in (("sequence", 0.5), ("token", 20 / 420)):
+        _, grads = value_and_grads(lambda n=normalization: ours(n, **sft_only))
+        short, long_ = grads[0].sum().item(), grads[1].sum().item()
+        assert short / (short + long_) == pytest.approx(share, rel=1e-9), normalization

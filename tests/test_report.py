@@ -205,13 +205,48 @@ def test_cli_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
-@pytest.mark.parametrize("kind", ["healthy", "collapse"])
-def test_expected_initial_loss_matches_synthetic_definition(tmp_path, kind):
-    """Sanity of the fixture itself: at step 0 (π = πref, δ = 0) the loss is 0.8·ln2 + 0.2·2ln2 + NLL."""
-    first = synthetic_run(kind)[0]
-    assert first["loss"] == pytest.approx(
-        0.8 * math.log(2) + 0.2 * 2 * math.log(2) + first["loss/sft"], abs=1e-12
+@pytest.mark.parametrize("weights", [(0.8, 0.2, 1.0), (1.0, 0.0, 0.5)])
+def test_initial_loss_check_agrees_with_the_loss_module(tmp_path, weights):
+    """The report's expected step-0 loss is the loss module's own value at π = πref, δ = 0: a
+    first row logged from ``mpo.loss.MPOLoss`` passes, the same row with the loss off by 0.5 is
+    flagged."""
+    import torch
+
+    from mpo.config import LossConfig
+    from mpo.loss import MPOLoss, PairLogps
+    from mpo.report import RunMetrics, check_initial_loss
+
+    w_p, w_q, w_g = weights
+    loss_fn = MPOLoss(LossConfig(preference_weight=w_p, quality_weight=w_q, generation_weight=w_g))
+    logps = torch.tensor([-40.0, -12.0, -90.0])
+    tokens = torch.tensor([20, 6, 30])
+    pairs = PairLogps(logps, logps - 3, logps, logps - 3, tokens, tokens)  # π = πref
+    terms = loss_fn(pairs)
+    loss = loss_fn.combine(terms, 3.0, float(tokens.sum())).item()
+    sft = terms.sft.mean().item()  # sequence normalisation: the mean of per-token NLLs
+    (tmp_path / "config.yaml").write_text(
+        f"loss:\n  preference_weight: {w_p}\n  quality_weight: {w_q}\n  generation_weight: {w_g}\n"
     )
+    settings = read_loss_settings(tmp_path)
+    row = {"step": 1, "loss": loss, "loss/sft": sft, "loss/dpo": terms.preference.mean().item()}
+    assert [f.level for f in check_initial_loss(RunMetrics(train=[row]), settings)] == ["ok"]
+    off = {**row, "loss": loss + 0.5}
+    assert [f.level for f in check_initial_loss(RunMetrics(train=[off]), settings)] == ["warn"]
+
+
+def test_report_command_imports_no_torch(tmp_path):
+    """`mpo report` reads JSON and draws plots: it must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path, "healthy")
+    code = (
+        "import sys\nfrom mpo.cli import main\nrc = main(['report', sys.argv[1]])\n"
+        "print('RC', rc, 'HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, check=True)
+    assert "RC 0 HEAVY []" in out.stdout, out.stdout[-500:]
+    assert (run / "report" / "report.html").is_file()
 
 
 def test_two_runs_in_one_metrics_file_are_flagged(tmp_path):
@@ -223,3 +258,88 @@ def test_two_runs_in_one_metrics_file_are_flagged(tmp_path):
     assert len(found) == 1 and found[0].level == "warn"
     last = synthetic_run("healthy")[-1]["step"]
     assert f"goes back from {last} to {synthetic_run('healthy')[0]['step']}" in found[0].detail
+
+
+# ---- repetition alarm and benchmarks -------------------------------------------------------------
+HEALTHY_ANSWERS = ["The shape is green.", "The background is black."]
+LOOPING_ANSWERS = ["The shape is green. The shape is green. The shape is green. The", "black " * 12]
+
+
+def _with_generations(run: Path, late_answers: list[str], accuracy: tuple[float, float]) -> None:
+    """Samples at steps 0 and 40 (healthy, then ``late_answers``) and a benchmark ``shapes``,
+    logged as SampleGenerationCallback / BenchmarkEvalCallback write them."""
+    from mpo.repetition import Generation, summarize
+
+    samples, answers = [], []
+    with open(run / "metrics.jsonl", "a") as f:
+        for step, texts, acc in ((0, HEALTHY_ANSWERS, accuracy[0]), (40, late_answers, accuracy[1])):
+            gens = [Generation(t, hit_limit=len(t) > 40) for t in texts]
+            row = {"step": step, "epoch": step / 100, "time": 2000.0 + step}
+            row |= {f"samples/{k}": v for k, v in summarize(gens).items()}
+            f.write(json.dumps(row) + "\n")
+            bench = {"step": step, "bench/shapes/accuracy": acc, "bench/shapes/accuracy/shape_color": acc}
+            bench |= {f"bench/shapes/{k}": v for k, v in summarize(gens).items()}
+            f.write(json.dumps(bench) + "\n")
+            for pid, g in enumerate(gens):
+                samples.append(
+                    {
+                        "step": step,
+                        "prompt_id": pid,
+                        "question": "q",
+                        "generated": g.text,
+                        "hit_limit": g.hit_limit,
+                    }
+                )
+                answers.append(
+                    {
+                        "step": step,
+                        "benchmark": "shapes",
+                        "index": str(pid),
+                        "question": "q",
+                        "answer": "A",
+                        "prediction": g.text,
+                        "extracted": None,
+                        "correct": False,
+                        "hit_limit": g.hit_limit,
+                    }
+                )
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (run / "benchmarks.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+
+
+def test_repetition_rise_is_flagged_with_the_worst_sample(tmp_path):
+    run = write_run(tmp_path, "healthy")
+    _with_generations(run, LOOPING_ANSWERS, (0.25, 0.75))
+    rep = write_report(run)
+    (rep_finding,) = [f for f in rep.findings if f.check == "repetition"]
+    assert rep_finding.level == "warn"
+    # both sources rose: limit share 0 -> 1 (both late answers run past 40 characters), runs 1 -> 12
+    assert "samples: limit_share 0 → 1 (step 0 → 40)" in rep_finding.detail
+    assert "longest_run 1 → 12" in rep_finding.detail and "bench/shapes:" in rep_finding.detail
+    assert (
+        'Worst at step 40 (prompt 1: 12 copies in a row, ran out of tokens): "black black'
+        in rep_finding.detail
+    )
+    assert "Worst at step 40 (question 1: 12 copies" in rep_finding.detail
+    assert {"bench_shapes", "repetition", "repetition_runs"} <= set(rep.plots)
+    page = rep.html.read_text()
+    assert "Generations became repetitive" in page and "(ran out of tokens)" in page
+    assert "<h3>shapes at step 40" in page
+
+
+def test_healthy_generations_and_rising_accuracy_are_not_flagged(tmp_path):
+    run = write_run(tmp_path, "healthy")
+    _with_generations(run, ["The shape is red.", "The background is gray."], (0.25, 0.75))
+    found = verdict(run)
+    m = read_metrics(run / "metrics.jsonl")
+    m.samples = []
+    assert not levels(found, "warn") and not levels(found, "bad")
+    (bench,) = [f for f in found if f.check == "benchmarks"]
+    assert bench.detail == "shapes 0.250 → 0.750 (step 0 → 40)."
+    assert len(m.generation) == 4 and len(m.train) == 41  # generation rows are not training logs
+
+
+def test_falling_benchmark_accuracy_is_flagged(tmp_path):
+    run = write_run(tmp_path, "healthy")
+    _with_generations(run, HEALTHY_ANSWERS, (0.75, 0.5))
+    assert "benchmark_drop" in levels(verdict(run), "warn")

@@ -1,4 +1,4 @@
-"""Length-grouped pair batching: length estimates, grouping, determinism, distributed split."""
+"""Length-grouped pair batching: lengths from the index, grouping, determinism, distributed split."""
 
 from __future__ import annotations
 
@@ -9,22 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mpo.data.tiling import tile_image
-from mpo.sampler import (
-    LengthGroupedPairSampler,
-    image_tiles_from_header,
-    length_grouped_indices,
-    pair_lengths,
-)
-
-
-@pytest.mark.parametrize("size", [(64, 64), (128, 64), (64, 200), (300, 290), (500, 60), (20, 15)])
-@pytest.mark.parametrize("max_num", [1, 4, 12])
-def test_header_tiles_equal_real_tiling(tmp_path, size, max_num):
-    path = tmp_path / "x.png"
-    Image.new("RGB", size, (10, 20, 30)).save(path)
-    expected = tile_image(Image.open(path), max_num, 64, 1, True).shape[0]
-    assert image_tiles_from_header(path, max_num, 1, 64, True) == expected
+from mpo.sampler import LengthGroupedPairSampler, length_grouped_indices, pair_lengths
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +42,12 @@ def mixed_pairs(tokenizer, tmp_path_factory):
 
 
 def test_pair_lengths_match_encoded_lengths(mixed_pairs):
-    est = pair_lengths(mixed_pairs, text_batch=5)
+    got = pair_lengths(mixed_pairs)
     real = []
     for i in range(len(mixed_pairs)):
         it, _ = mixed_pairs[i]
         real.append(max(len(it["chosen_input_ids"]), len(it["rejected_input_ids"])))
-    # Text is tokenized piecewise, so BPE merges across template boundaries may shift a token or two.
-    assert np.abs(est - np.array(real)).max() <= 2, (est.tolist(), real)
+    assert got.tolist() == real
     assert len(set(real)) > 4
 
 
@@ -108,6 +92,34 @@ def test_grouping_is_a_permutation_with_less_padding():
     assert _padding_waste(order, lengths, 8) < 0.2 * _padding_waste(random_order, lengths, 8)
     # The longest pair is in the first batch (out-of-memory shows at step 1).
     assert int(np.argmax(lengths)) in order[:8]
+
+
+@pytest.mark.parametrize(
+    "n,bs,mult,spread,last_longest",
+    [
+        (1000, 8, 10, 3000, False),
+        (963, 8, 10, 3000, True),  # 963 = 12 x 80 + 3: the last mega-batch is one short batch
+        (37, 4, 2, 5, False),  # few distinct lengths: ties keep their shuffled order
+        (5, 8, 50, 9, False),
+        (1, 1, 50, 3, False),
+        (0, 4, 50, 3, False),
+    ],
+)
+def test_grouping_equals_the_list_recipe(n, bs, mult, spread, last_longest):
+    """The numpy grouping gives exactly the list recipe's order, including a longest batch that is
+    the short last one (swapped to the front)."""
+    from oracles import length_grouped_indices_lists  # tests/ is on sys.path under pytest
+
+    for seed in range(5):
+        lengths = np.random.default_rng(seed).integers(1, spread, size=n).astype(np.int32)
+        if last_longest:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+            lengths[perm[-(n % (bs * mult)) :]] = spread + 1
+        got = length_grouped_indices(lengths, bs, torch.Generator().manual_seed(seed), mult)
+        want = length_grouped_indices_lists(lengths, bs, torch.Generator().manual_seed(seed), mult)
+        assert got.tolist() == want
+        if last_longest:
+            assert sorted(got[:3].tolist()) == sorted(perm[-3:].tolist()) and len(got) == n
 
 
 def test_sampler_deterministic_per_epoch():

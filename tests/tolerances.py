@@ -56,3 +56,9 @@ def assert_same_training(got: dict[int, dict], want: dict[int, dict], beta: floa
             w["bco/delta"],
         )
         assert abs(g["loss"] - w["loss"]) <= loss_bound(w, rows, beta), (step, g["loss"], w["loss"])
+
+
+def logp_close(a: float, b: float) -> bool:
+    """Two float32 computations of one summed log-prob (e.g. with other padding) agree within
+    C·ε·|L| (|L| = Σ|token log-probs|, log-probs being ≤ 0)."""
+    return abs(a - b) <= C * EPS32 * max(abs(a), abs(b))

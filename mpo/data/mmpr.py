@@ -11,6 +11,16 @@ A meta JSON maps dataset names to ``{"root", "annotation", "repeat_time", "max_d
   ``.arrow`` file or ``.parquet`` file(s). These are opened memory-mapped (Arrow), never copied
   into Python objects; the "line" of a row is its 1-based row number.
 
+* a JSON array file (``.json``, LLaMA-Factory's usual layout): indexed by the byte range of each
+  element (``json_array_index``, vectorised, streamed), so it is read like JSONL; an element's
+  "line" is the line it starts on.
+
+Records in other projects' preference formats (TRL, LLaMA-Factory, ms-swift) are converted to MMPR
+records as they are read (``mpo.data.formats``): a meta entry may name its ``format`` (and, for
+LLaMA-Factory, ``formatting``/``columns``/``tags`` as a ``dataset_info.json`` entry does), otherwise
+the first readable record decides. A LLaMA-Factory ``dataset_info.json`` can itself be the meta
+file: its ``ranking: true`` entries are the datasets, their media under its folder.
+
 Why JSONL is not converted with ``datasets.load_dataset("json")``: the conversion needs one Arrow
 schema for the whole file (MMPR mixes ``image`` strings and lists), a single non-JSON line aborts
 the whole load instead of being reported with its line number, line numbers are lost, and every
@@ -21,6 +31,7 @@ issue asks for (memory flat in the number of lines, nothing parsed until used) w
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -28,6 +39,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from mpo.data.formats import FORMATS, FormatError, LlamaFactoryColumns, RecordReader, describe_fields, detect
+
+logger = logging.getLogger(__name__)
 
 TABLE_SUFFIXES = (".arrow", ".parquet")
 SHORT_LINE = 64  # lines up to this many bytes are checked for being whitespace only
@@ -48,6 +63,8 @@ class DatasetSpec:
     max_dynamic_patch: int | None = None
     data_augment: bool = False
     length: int | None = None
+    format: str | None = None  # one of mpo.data.formats.FORMATS; None: detected from the first record
+    llamafactory: LlamaFactoryColumns | None = None  # a dataset_info.json entry's columns/tags
 
 
 def is_table_source(path: Path) -> bool:
@@ -67,6 +84,8 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         return [DatasetSpec(name=path.stem, root=path.parent, annotation=path)]
     if not path.is_file():
         raise DataError(f"{path}: meta file not found")
+    if json_file_kind(path) != "object":  # a JSON array or JSON Lines named .json: one dataset
+        return [DatasetSpec(name=path.stem, root=path.parent, annotation=path)]
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
@@ -83,7 +102,97 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     if not isinstance(meta, dict) or not meta:
         raise DataError(f"{path}: a meta file maps dataset names to {{root, annotation, ...}} entries")
+    if all(isinstance(e, dict) and "annotation" not in e for e in meta.values()) and any(
+        isinstance(e, dict) and ("file_name" in e or "hf_hub_url" in e) for e in meta.values()
+    ):
+        return dataset_info_specs(path, meta)
     return [_spec(path, name, entry) for name, entry in meta.items()]
+
+
+def json_file_kind(path: Path) -> str:
+    """``array``, ``lines`` or ``object``: what a ``.json`` file holds (read from its start only).
+
+    A file whose first line is a whole JSON object with more content after it is JSON Lines (as
+    ``datasets``' json loader, and with it LLaMA-Factory and ms-swift, read it); a single-line file
+    is JSON Lines unless its object's values are all objects (a one-line meta file).
+    """
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        first = head.lstrip()[:1]
+        if first == b"[":
+            # "[]" holds no dataset; read_meta then says what a meta file should hold.
+            return "object" if head.lstrip()[1:].lstrip()[:1] == b"]" else "array"
+        if first != b"{":
+            return "object"  # not JSON at all: read_meta reports it
+        f.seek(0)
+        line = f.readline()
+        rest = f.read(1 << 12).strip()
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "object"  # a pretty-printed object spans lines: a meta file
+    if rest:
+        return "lines"
+    return (
+        "object"
+        if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values())
+        else "lines"
+    )
+
+
+def dataset_info_specs(path: Path, info: dict[str, Any]) -> list[DatasetSpec]:
+    """The preference datasets of a LLaMA-Factory ``dataset_info.json`` (its ``ranking: true`` entries).
+
+    Files are ``file_name`` under the file's folder, and so is media (LLaMA-Factory's ``media_dir``
+    defaults to its ``dataset_dir``). Hub entries are refused: nothing is downloaded.
+    """
+    specs, left_out = [], []
+    for name, entry in info.items():
+        where = f"{path}: dataset '{name}'"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: entry must be an object")
+        if not entry.get("ranking"):
+            left_out.append(name)
+            continue
+        if "file_name" not in entry:
+            hub = next(
+                (k for k in ("hf_hub_url", "ms_hub_url", "script_url", "cloud_file_name") if k in entry), None
+            )
+            raise DataError(
+                f"{where}: no 'file_name'"
+                + (f" ({hub} datasets are not downloaded: download it and set file_name)" if hub else "")
+            )
+        formatting = entry.get("formatting", "alpaca")
+        if formatting not in ("alpaca", "sharegpt", "openai"):
+            raise DataError(
+                f"{where}: field 'formatting' must be alpaca, sharegpt or openai, got {formatting!r}"
+            )
+        for key in ("columns", "tags"):
+            if key in entry and not isinstance(entry[key], dict):
+                raise DataError(f"{where}: field '{key}' must be an object")
+        annotation = path.parent / str(entry["file_name"])
+        if not annotation.exists():
+            raise DataError(f"{where}: field 'file_name': file not found: {annotation}")
+        specs.append(
+            DatasetSpec(
+                name=name,
+                root=path.parent,
+                annotation=annotation,
+                format="llamafactory",
+                llamafactory=LlamaFactoryColumns.from_entry(entry),
+            )
+        )
+    if not specs:
+        raise DataError(
+            f'{path}: no preference dataset: no entry has "ranking": true (entries: {", ".join(info)})'
+        )
+    if left_out:
+        logger.warning(
+            '%s: leaving out entries without "ranking": true (not preference data): %s',
+            path,
+            ", ".join(left_out),
+        )
+    return specs
 
 
 def _spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
@@ -92,6 +201,14 @@ def _spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
         raise DataError(f"{where}: entry must be an object")
     if "annotation" not in entry:
         raise DataError(f"{where}: missing field 'annotation'")
+    types = {"root": str, "annotation": str, "data_augment": bool, "length": int}
+    for key, kind in types.items():
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise DataError(
+                f"{where}: field '{key}' must be {'a string' if kind is str else kind.__name__}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
     base = meta_path.parent
     root = base / str(entry.get("root", ""))
     annotation = base / str(entry["annotation"])
@@ -107,6 +224,20 @@ def _spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
     repeat = entry.get("repeat_time", 1.0)
     if not isinstance(repeat, (int, float)) or isinstance(repeat, bool) or repeat <= 0:
         raise DataError(f"{where}: field 'repeat_time' must be a positive number, got {repeat!r}")
+    fmt = entry.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"{where}: field 'format' must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    lf_keys = [k for k in ("formatting", "columns", "tags") if k in entry]
+    if lf_keys and fmt != "llamafactory":
+        raise DataError(f'{where}: field(s) {", ".join(lf_keys)} need "format": "llamafactory"')
+    for key in ("columns", "tags"):
+        if key in entry and not isinstance(entry[key], dict):
+            raise DataError(f"{where}: field '{key}' must be an object")
+    llamafactory = None
+    if lf_keys:
+        llamafactory = LlamaFactoryColumns.from_entry(entry)
+        if "formatting" not in entry:  # unlike dataset_info.json, detect sharegpt vs alpaca per record
+            llamafactory = LlamaFactoryColumns(None, llamafactory.columns, llamafactory.tags)
     mdp = entry.get("max_dynamic_patch")
     if mdp is not None and (not isinstance(mdp, int) or isinstance(mdp, bool) or mdp < 1):
         raise DataError(f"{where}: field 'max_dynamic_patch' must be a positive integer, got {mdp!r}")
@@ -118,6 +249,8 @@ def _spec(meta_path: Path, name: str, entry: Any) -> DatasetSpec:
         max_dynamic_patch=mdp,
         data_augment=bool(entry.get("data_augment", False)),
         length=entry.get("length"),
+        format=fmt,
+        llamafactory=llamafactory,
     )
 
 
@@ -260,8 +393,188 @@ class TableFile:
         return i + 1, self._raw[int(i)].to_pylist()[0]
 
 
+def json_array_index(path: Path, chunk_bytes: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Byte ranges and start lines of the elements of a top-level JSON array, without parsing them.
+
+    Streams the file in chunks and finds, with numpy, the quotes that open or close strings (those
+    after an even run of backslashes), the brackets and commas outside strings, and among them the
+    commas and the closing bracket at depth 1, which end elements. Memory: one chunk plus 24 bytes
+    per element; elements are parsed (and reported bad, one by one) only when read.
+
+    Returns:
+        (ranges ``(n, 2)`` int64 of ``[start, end)`` byte offsets, lines ``(n,)`` int64: the 1-based
+        line of each range's first byte).
+
+    Raises:
+        DataError: the file is not one JSON array (unbalanced brackets or quotes, text after it).
+    """
+    starts: list[int] = []
+    ends: list[int] = []
+    lines: list[int] = []
+    in_str, backslashes, depth, pos, line = False, 0, 0, 0, 1
+    pending: tuple[int, int] | None = None  # (byte, line) where the current element starts
+    closed_at = None
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            b = np.frombuffer(chunk, dtype=np.uint8)
+            n = len(b)
+            idx = np.arange(n)
+            last_plain = np.maximum.accumulate(np.where(b == 92, -1, idx))  # last non-backslash so far
+            quotes = np.flatnonzero(b == 34)
+            prev = last_plain[np.maximum(quotes - 1, 0)]
+            run = np.where(quotes == 0, 0, quotes - 1 - prev)  # backslashes right before each quote
+            run = np.where(
+                (quotes == 0) | (prev < 0), quotes + backslashes, run
+            )  # continued from the last chunk
+            marks = np.zeros(n, np.int64)
+            marks[quotes[run % 2 == 0]] = 1  # quotes that open or close a string
+            before = np.cumsum(marks) - marks
+            outside = ((before + int(in_str)) % 2 == 0) & (marks == 0)
+            nl = np.cumsum(b == 10)
+            opens = outside & ((b == 91) | (b == 123))
+            closes = outside & ((b == 93) | (b == 125))
+            event = np.flatnonzero(opens | closes | (outside & (b == 44)))
+            step = opens[event].astype(np.int64) - closes[event].astype(np.int64)
+            depth_before = depth + np.cumsum(step) - step
+            # Only the top level matters: the array's own brackets and the commas between elements.
+            top = (depth_before <= 1) & ~((step == 1) & (depth_before == 1))
+            for p, k, d in zip(event[top].tolist(), step[top].tolist(), depth_before[top].tolist()):
+                at = pos + p
+                if closed_at is not None or (k == -1 and d <= 0):
+                    raise DataError(
+                        f"{path}: unbalanced brackets or text after the top-level array (byte {at})"
+                    )
+                if k == 1:  # depth 0 -> 1: the array opens
+                    if b[p] != 91:
+                        raise DataError(f"{path}: not a JSON array (byte {at})")
+                    pending = (at + 1, line + int(nl[p]))
+                    continue
+                if b[p] == 125:
+                    raise DataError(f"{path}: unbalanced '}}' at byte {at}")
+                if pending is not None:
+                    starts.append(pending[0])
+                    ends.append(at)
+                    lines.append(pending[1])
+                pending = (at + 1, line + int(nl[p])) if k == 0 else None
+                closed_at = at if k == -1 else None
+            depth += int(step.sum())
+            in_str = bool((int(marks.sum()) + int(in_str)) % 2)
+            tail = n - 1 - int(last_plain[-1])
+            backslashes = tail + (backslashes if tail == n else 0)
+            line += int(nl[-1])
+            pos += n
+        if closed_at is None or in_str:
+            raise DataError(f"{path}: the top-level JSON array is not closed (file cut short?)")
+        f.seek(closed_at + 1)
+        if f.read(1 << 16).strip():
+            raise DataError(f"{path}: text after the top-level JSON array (byte {closed_at + 1})")
+    return np.asarray([starts, ends], dtype=np.int64).T.reshape(-1, 2), np.asarray(lines, dtype=np.int64)
+
+
+class JsonArrayFile:
+    """Random access to the elements of a top-level JSON array; "line" is where an element starts."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        ranges, lines = json_array_index(self.path)
+        # "[]" and a trailing comma leave an all-whitespace range: not an element.
+        keep = np.ones(len(ranges), bool)
+        with open(self.path, "rb") as f:
+            for k in np.flatnonzero(ranges[:, 1] - ranges[:, 0] <= SHORT_LINE):
+                keep[k] = (
+                    os.pread(f.fileno(), int(ranges[k, 1] - ranges[k, 0]), int(ranges[k, 0])).strip() != b""
+                )
+        self.ranges, self.lines = ranges[keep], lines[keep]
+        self._fh = None
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fh"] = None
+        return state
+
+    def record(self, i: int) -> tuple[int, dict[str, Any]]:
+        """(1-based line the element starts on, parsed object); LineError naming file and line otherwise."""
+        if self._fh is None or self._pid != os.getpid():
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
+        start, end = int(self.ranges[i, 0]), int(self.ranges[i, 1])
+        raw = os.pread(self._fh.fileno(), end - start, start)
+        stripped = raw.lstrip()
+        line_no = int(self.lines[i]) + raw[: len(raw) - len(stripped)].count(b"\n")
+        try:
+            obj = json.loads(stripped)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LineError(
+                f"{self.path}:{line_no}: not valid JSON ({exc})", "invalid_json", line_no
+            ) from exc
+        if not isinstance(obj, dict):
+            raise LineError(
+                f"{self.path}:{line_no}: an element must be a JSON object, got {type(obj).__name__}",
+                "invalid_json",
+                line_no,
+            )
+        return line_no, obj
+
+
 def open_source(path: Path) -> RecordSource:
-    return TableFile(path) if is_table_source(path) else JsonlFile(path)
+    if is_table_source(path):
+        return TableFile(path)
+    if path.suffix == ".json" and json_file_kind(path) == "array":
+        return JsonArrayFile(path)
+    return JsonlFile(path)
+
+
+DETECT_RECORDS = 16  # readable records looked at to detect a dataset's format
+
+
+class FormattedSource:
+    """A dataset in another project's format: its records converted to MMPR records as they are read."""
+
+    def __init__(self, inner: RecordSource, reader: RecordReader):
+        self.inner = inner
+        self.reader = reader
+        self.path = inner.path
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def record(self, i: int) -> tuple[int, dict[str, Any]]:
+        line_no, obj = self.inner.record(i)
+        try:
+            return line_no, self.reader.convert(obj)
+        except FormatError as exc:
+            raise LineError(
+                f"{self.path}:{line_no}: {exc} ({self.reader.format} record)", exc.reason, line_no
+            ) from exc
+
+
+def detect_format(source: RecordSource) -> str:
+    """The format of ``source``'s first readable record (MMPR when none of the first few is readable:
+    their lines then fail one by one, naming the problem)."""
+    for i in range(min(len(source), DETECT_RECORDS)):
+        try:
+            line_no, obj = source.record(i)
+        except LineError:
+            continue
+        fmt = detect(obj)
+        if fmt is None:
+            raise DataError(
+                f"{source.path}:{line_no}: not a preference record in a known format: {describe_fields(obj)}"
+            )
+        return fmt
+    return "mmpr"
+
+
+def open_dataset(spec: DatasetSpec) -> tuple[RecordSource, str]:
+    """A dataset's records as MMPR records, and the format they were read from."""
+    source = open_source(spec.annotation)
+    fmt = spec.format or detect_format(source)
+    if fmt == "mmpr":
+        return source, fmt
+    return FormattedSource(source, RecordReader(fmt, spec.llamafactory)), fmt
 
 
 def repeat_indices(n: int, repeat_time: float, seed: int) -> np.ndarray:
@@ -290,7 +603,9 @@ class MixedSource:
 
     def __init__(self, specs: list[DatasetSpec], seed: int = 42):
         self.specs = specs
-        self.files = [open_source(s.annotation) for s in specs]
+        opened = [open_dataset(s) for s in specs]
+        self.files = [source for source, _ in opened]
+        self.formats = [fmt for _, fmt in opened]  # what each dataset was read as
         self._whole: list[int] = []
         self._extra: list[np.ndarray] = []
         sizes = []
@@ -319,6 +634,12 @@ class MixedSource:
         if local < self._whole[k] * n:
             return k, local % n
         return k, int(self._extra[k][local - self._whole[k] * n])
+
+    def rows(self, k: int) -> np.ndarray:
+        """File rows of dataset ``k`` in the order of its global indices: int64 ``(sizes[k],)``,
+        ``rows(k)[j] == locate(bounds[k] + j)[1]`` (whole repeats, then the subsample)."""
+        n = len(self.files[k])
+        return np.concatenate([np.tile(np.arange(n, dtype=np.int64), self._whole[k]), self._extra[k]])
 
     def get(self, i: int) -> tuple[DatasetSpec, int, dict[str, Any]]:
         """(spec, 1-based line number, parsed record); raises LineError for an unreadable line."""

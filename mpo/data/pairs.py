@@ -26,12 +26,10 @@ from mpo.data.events import DataEvents
 from mpo.data.mmpr import DataError, DatasetSpec, MixedSource, read_meta
 from mpo.data.template import (
     IGNORE_INDEX,
-    IMG_CONTEXT,
-    IMG_END,
-    IMG_START,
     TemplateEncoder,
     TemplateError,
     expand_image_placeholders,
+    expand_placeholders_in_turns,
     expand_video_placeholder,
 )
 from mpo.data.tiling import VisionSpec, count_tiles, per_image_budget, tile_image
@@ -54,24 +52,44 @@ class SampleError(DataError):
 
 
 def _text_field(obj: dict, key: str, where: str) -> str:
-    if obj.get(key) is None:  # absent (JSONL) or null-filled (Arrow)
+    if key not in obj:
         raise SampleError(f"{where}: missing field '{key}'", f"missing_{key}")
     value = obj[key]
     if not isinstance(value, str):
-        raise SampleError(
-            f"{where}: field '{key}' must be a string, got {type(value).__name__}", f"bad_{key}"
-        )
+        kind = "null" if value is None else type(value).__name__
+        raise SampleError(f"{where}: field '{key}' must be a string, got {kind}", f"bad_{key}")
     if key != "question" and not value.strip():
         raise SampleError(f"{where}: field '{key}' is empty", f"empty_{key}")
     return value
 
 
-def resolve_media(root: Path, rel: Any, where: str, field: str) -> Path:
-    """Join ``rel`` to ``root``, refusing paths that leave the root (``..`` or absolute).
+def _prompt_context(obj: dict, where: str) -> tuple[list[tuple[str, str]], str | None]:
+    """A record's optional earlier turns and own system prompt (``history``, ``system``).
 
-    The check is on the normalised path, not the symlink-resolved one: a root whose ``images/``
-    is a symlink to another disk is a normal set-up, while ``../../etc/x`` in a line is not.
+    ``history`` is ``[[user, assistant], ...]``, oldest first (multi-turn prompts read from other
+    formats, ``mpo.data.formats``); ``system`` replaces ``data.system_message`` for this pair.
     """
+    history, system = obj.get("history"), obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise SampleError(
+            f"{where}: field 'system' must be a string, got {type(system).__name__}", "bad_system"
+        )
+    if history is None:
+        return [], system
+    if not isinstance(history, list) or not all(
+        isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)
+        for turn in history
+    ):
+        raise SampleError(
+            f"{where}: field 'history' must be a list of [user, assistant] string pairs", "bad_history"
+        )
+    return [(user, answer) for user, answer in history], system
+
+
+def resolve_media(root: Path, rel: Any, where: str, field: str, follow_symlinks: bool = False) -> Path:
+    """Join ``rel`` to ``root``, refusing paths that leave the root: ``..``, absolute paths, and
+    (unless ``follow_symlinks``, ``data.follow_symlinks_outside_root``) symlinks inside the root
+    that point outside it. The root itself may be a symlink."""
     if not isinstance(rel, str) or not rel:
         raise SampleError(
             f"{where}: field '{field}' must be a non-empty path string", f"bad_{field.split('[')[0]}"
@@ -82,17 +100,32 @@ def resolve_media(root: Path, rel: Any, where: str, field: str) -> Path:
         raise SampleError(
             f"{where}: field '{field}': path '{rel}' escapes the dataset root {root}", "path_escapes_root"
         )
+    if not follow_symlinks and os.path.exists(path):
+        real_base, real = os.path.realpath(base), os.path.realpath(path)
+        if os.path.commonpath([real_base, real]) != real_base:
+            raise SampleError(
+                f"{where}: field '{field}': path '{rel}' is a symlink to {real}, outside the dataset root "
+                f"{root} (set data.follow_symlinks_outside_root=true to allow it)",
+                "path_escapes_root",
+            )
     return Path(path)
 
 
-def media_source(root: Path, value: Any, where: str, field: str) -> Path | bytes:
+def media_source(
+    root: Path, value: Any, where: str, field: str, follow_symlinks: bool = False
+) -> Path | bytes:
     """What one image/video value of a record points at: a file under ``root``, or the bytes a HF
     ``datasets`` Image column holds (``{"bytes": ..., "path": ...}``, bytes first)."""
     if isinstance(value, dict) and value.get("bytes"):
         return value["bytes"]
     if isinstance(value, dict) and value.get("path"):
         value = value["path"]
-    return resolve_media(root, value, where, field)
+        if isinstance(value, str) and os.path.isabs(value):
+            # A HF Image column stores where datasets found the file, as an absolute path; other
+            # formats' absolute paths arrive the same way (mpo.data.formats). MMPR's own strings
+            # stay relative to the root.
+            return Path(value)
+    return resolve_media(root, value, where, field, follow_symlinks)
 
 
 def load_image(source: Path | bytes, where: str, field: str) -> Image.Image:
@@ -147,15 +180,11 @@ def tile_budget(spec: DatasetSpec, data_cfg) -> int:
     return spec.max_dynamic_patch or data_cfg.max_dynamic_patch
 
 
-# Structural tokens the template and the image expansion insert; never taken from the data.
-RESERVED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
-
-
 class PairEncoder:
     """Turns a parsed MMPR record into model inputs for the chosen and rejected answers."""
 
     def __init__(self, tokenizer, vision: VisionSpec, data_cfg, pixels: bool = True):
-        self.template = TemplateEncoder(tokenizer, data_cfg.system_message)
+        self.template = TemplateEncoder(tokenizer, data_cfg.system_message, data_cfg.template)
         self.vision = vision
         self.cfg = data_cfg
         # pixels=False (``mpo data check``): images are fully decoded (so corrupt files are still
@@ -165,7 +194,8 @@ class PairEncoder:
     def images(
         self, spec: DatasetSpec, obj: dict, where: str, rng: np.random.Generator | None = None
     ) -> tuple[str, torch.Tensor | None, list[int]]:
-        """(kind, tiles of every image/frame or None for text-only, tiles per image/frame).
+        """(kind, tiles of every image or None for text-only, tiles per image) of an image or
+        text-only record (videos: ``video``, which needs the text's length first).
 
         Tiles are ``(sum of tiles, 3, S, S)`` float32; each image is decoded and tiled once.
         ``rng`` (training only): the sample's random draws, for ``data_augment``.
@@ -173,21 +203,16 @@ class PairEncoder:
         kind, _ = media_entries(obj, where)
         if kind == "text":
             return kind, None, []
+        if kind == "video":
+            raise ValueError("video records go through PairEncoder.video (their frame count needs the text)")
         fields = media_fields(obj, where)
         size = self.vision.image_size
-        if kind == "video":
-            from mpo.data.video import video_frames  # PyAV only when a video appears
-
-            frames = video_frames(resolve_media(spec.root, fields[0][1], where, "video"), self.cfg, where)
-            if not self.pixels:
-                return kind, None, [1] * len(frames)
-            # InternVL's video path: each frame is one Resize((S, S)) tile, no dynamic tiling.
-            return kind, torch.cat([tile_image(f, 1, size, 1, False) for f in frames]), [1] * len(frames)
         per_image = per_image_budget(tile_budget(spec, self.cfg), len(fields))
         min_num = min(self.cfg.min_dynamic_patch, per_image)
         tiles, counts = [], []
         for field, value in fields:
-            img = load_image(media_source(spec.root, value, where, field), where, field)
+            source = media_source(spec.root, value, where, field, self.cfg.follow_symlinks_outside_root)
+            img = load_image(source, where, field)
             if not self.pixels:
                 counts.append(count_tiles(*img.size, per_image, size, min_num, self.cfg.use_thumbnail))
                 continue
@@ -204,8 +229,10 @@ class PairEncoder:
 
         The pair holds ``{chosen,rejected}_{input_ids,labels}`` (1-D long), ``pixel_values``
         (``(tiles, 3, S, S)`` or None), ``num_tiles`` (per image/frame), ``full_lengths``
-        (untruncated sequence lengths), ``dataset`` and ``line``. Raises ``SampleError``.
-        ``rng``: the sample's random draws in training (``data_augment``); None: deterministic.
+        (untruncated sequence lengths), ``dataset``, ``line``, and for a video ``video`` (what
+        ``video`` sampled: frame count, frame numbers, timestamps). Raises ``SampleError``.
+        ``rng``: the sample's random draws in training (``data_augment``, video frames); None:
+        deterministic.
         """
         where = f"{spec.annotation}:{line_no}"
         question = _text_field(obj, "question", where)
@@ -215,8 +242,13 @@ class PairEncoder:
             raise SampleError(
                 f"{where}: fields 'chosen' and 'rejected' are identical", "chosen_equals_rejected"
             )
-        for field, text in (("question", question), ("chosen", chosen), ("rejected", rejected)):
-            found = next((t for t in RESERVED_TOKENS if t in text), None)
+        history, system = _prompt_context(obj, where)
+        texts = [("question", question), ("chosen", chosen), ("rejected", rejected)]
+        texts += [(f"history[{k}][{j}]", t) for k, turn in enumerate(history) for j, t in enumerate(turn)]
+        texts += [("system", system)] if system is not None else []
+        for field, text in texts:
+            # Structural tokens the template and the image expansion insert; never taken from the data.
+            found = next((t for t in self.template.reserved_tokens if t in text), None)
             if found:
                 # The tokenizer would read it as the special token: image features land in the
                 # wrong place, or a turn ends early.
@@ -225,21 +257,34 @@ class PairEncoder:
                     "(the template inserts these itself)",
                     "reserved_token",
                 )
-        kind, pixel_values, tiles = self.images(spec, obj, where, rng)
         try:
-            if kind == "video":
-                question = expand_video_placeholder(question, len(tiles))
-            expanded = expand_image_placeholders(question, [n * self.vision.tokens_per_tile for n in tiles])
-        except TemplateError as exc:
-            raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
-        try:
-            prompt = self.template.encode_prompt(expanded)
             answers = {
                 "chosen": self.template.encode_answer(chosen),
                 "rejected": self.template.encode_answer(rejected),
             }
         except TemplateError as exc:
             raise SampleError(f"{where}: field 'chosen'/'rejected': {exc}", "bad_answer") from exc
+        # The user turns, oldest first: media placeholders may sit in any of them.
+        users = [user for user, _ in history] + [question]
+        video = None
+        if media_entries(obj, where)[0] == "video":
+            # The frame count depends on the room the text leaves, so the answers come first; the
+            # video sits in the first user turn, the other turns and the system prompt take room too.
+            others = len(self.template.encode_prompt(question, history, system)) - len(
+                self.template.encode_prompt(users[0])
+            )
+            longest = max(len(ids) for ids, _ in answers.values()) + others
+            pixel_values, users[0], video = self.video(spec, obj, users[0], longest, where, rng)
+            tiles = [1] * video["frames"]
+        else:
+            _, pixel_values, tiles = self.images(spec, obj, where, rng)
+        try:
+            users = expand_placeholders_in_turns(users, [n * self.vision.tokens_per_tile for n in tiles])
+        except TemplateError as exc:
+            field = "question" if not history else "question'/'history"
+            raise SampleError(f"{where}: field '{field}': {exc}", "placeholder_mismatch") from exc
+        earlier = [(user, answer) for user, (_, answer) in zip(users, history)]
+        prompt = self.template.encode_prompt(users[-1], earlier, system)
         out: dict[str, Any] = {
             "pixel_values": pixel_values,
             "num_tiles": tiles,
@@ -247,6 +292,8 @@ class PairEncoder:
             "dataset": spec.name,
             "line": line_no,
         }
+        if video is not None:
+            out["video"] = video
         truncated: Counter = Counter()
         for name, (ids, labels) in answers.items():
             keep = self._fit(len(prompt), len(ids), name, where)
@@ -258,12 +305,87 @@ class PairEncoder:
             )
         return out, truncated
 
+    @staticmethod
+    def _expand(question: str, token_counts: list[int], where: str) -> str:
+        """``question`` with each ``<image>`` replaced by its span (``expand_image_placeholders``)."""
+        try:
+            return expand_image_placeholders(question, token_counts)
+        except TemplateError as exc:
+            raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
+
+    def _video_question(self, question: str, num_frames: int, where: str) -> str:
+        """The question with one ``Frame{i}: <image>`` line per frame in place of ``<video>``."""
+        try:
+            return expand_video_placeholder(question, num_frames)
+        except TemplateError as exc:
+            raise SampleError(f"{where}: field 'question': {exc}", "placeholder_mismatch") from exc
+
+    def video_prompt_length(self, question: str, num_frames: int, where: str = "") -> int:
+        """Tokens of the prompt (system + user turn) of a video question with ``num_frames`` frames.
+
+        The spans are tokenized empty and their image tokens added: ``<img>``, ``</img>`` and
+        ``<IMG_CONTEXT>`` are special tokens, so the text between them tokenizes the same either
+        way and the count is exact without tokenizing thousands of context tokens.
+        """
+        text = self._expand(self._video_question(question, num_frames, where), [0] * num_frames, where)
+        return len(self.template.encode_prompt(text)) + num_frames * self.vision.tokens_per_tile
+
+    def video(
+        self, spec: DatasetSpec, obj: dict, question: str, answer_len: int, where: str, rng=None
+    ) -> tuple[torch.Tensor | None, str, dict[str, Any]]:
+        """Frames of a video record, as many as the sequence budget allows (``mpo.data.video``).
+
+        Args:
+            answer_len: tokens of the longer answer turn; the frames leave room for it.
+            rng: the sample's generator in training: frame count and frames are drawn with it
+                under ``data.video_sampling=rand`` (and tiles augmented with ``data_augment``);
+                None: the most frames that fit, segment middles.
+
+        Returns:
+            (tiles ``(n, 3, S, S)`` or None without pixels, the question with its ``Frame{i}:
+            <image>`` lines, what was sampled: ``frames``, ``frames_in_clip``, ``fit`` (the most
+            frames that fit), ``frame_numbers``, ``timestamps_s``, ``sampling``).
+        """
+        from mpo.data import video as vid  # PyAV only when a video appears
+
+        vid.require_pyav(where)
+        source = media_source(spec.root, obj["video"], where, "video", self.cfg.follow_symlinks_outside_root)
+        index = vid.open_clip(source, obj.get("clip"), where)
+        cfg = self.cfg
+        lo, hi = min(cfg.video_min_frames, len(index)), min(cfg.video_max_frames, len(index))
+        room = cfg.max_length - answer_len
+        fit = vid.largest_fitting(lo, hi, lambda n: self.video_prompt_length(question, n, where) <= room)
+        # Not even lo frames leave the answers whole: lo frames, and data.truncation decides.
+        fit = lo if fit is None else fit
+        draw = rng if cfg.video_sampling == "rand" else None
+        n = vid.frame_count(lo, fit, draw)
+        positions = vid.sample_positions(index, n, draw)
+        size = self.vision.image_size
+        augment = rng if spec.data_augment else None
+        # InternVL's video path: each frame is one Resize((S, S)) tile, no dynamic tiling.
+        convert = (
+            (lambda frame: tile_image(frame.to_image(), 1, size, 1, False, augment_rng=augment))
+            if self.pixels
+            else (lambda frame: None)  # mpo data check: decoded (so errors show), nothing kept
+        )
+        tiles = vid.decode_frames(source, index, positions, where, convert)
+        info = {
+            "frames": n,
+            "frames_in_clip": len(index),
+            "fit": fit,
+            "frame_numbers": [index.first + p for p in positions],
+            "timestamps_s": index.seconds(positions),
+            "sampling": "rand" if draw is not None else "middle",
+        }
+        pixels = torch.cat(tiles) if self.pixels else None
+        return pixels, self._video_question(question, n, where), info
+
     def _fit(self, prompt_len: int, answer_len: int, name: str, where: str) -> int:
         """Answer tokens kept under ``max_length``: the prompt (holding every image span) is never cut."""
         max_len = self.cfg.max_length
         if prompt_len + answer_len <= max_len:
             return answer_len
-        # At least one answer token must stay trained after "<|im_start|>assistant\n".
+        # At least one answer token must stay trained after the assistant prefix.
         min_keep = len(self.template.prefix_ids) + 1
         if self.cfg.truncation == "skip" or max_len - prompt_len < min_keep:
             reason = "too_long" if self.cfg.truncation == "skip" else "prompt_too_long"

@@ -1,11 +1,12 @@
 """Deployable output folders: merged LoRA, either checkpoint format, and the serving metadata.
 
 A folder written here can be served as is: weights + config (native for vLLM/transformers, or
-original for LMDeploy), the tokenizer, ``generation_config.json`` (greedy, stops at
-``<|im_end|>``), the chat template with InternVL's system prompt as default (the published -hf
-``chat_template.jinja`` of OpenGVLab/InternVL2_5-1B-MPO-hf has none; training adds it, see
-docs/internvl-format.md §3), the image processor settings that reproduce InternVL's tiling
-(docs/internvl-format.md §2) and a short model card.
+original for LMDeploy), the tokenizer, ``generation_config.json`` (greedy, stops at the template's
+end-of-turn token), the chat template of the checkpoint's generation (``mpo.data.template``) with
+its system prompt as default (the published -hf ``chat_template.jinja`` of
+OpenGVLab/InternVL2_5-1B-MPO-hf has none; training adds it, see docs/internvl-format.md §3), the
+image processor settings that reproduce InternVL's tiling (docs/internvl-format.md §2) and a short
+model card.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mpo.data.template import DEFAULT_SYSTEM_MESSAGE
+from mpo.data.template import INTERNVL2_5, ChatTemplate, TemplateEncoder, resolve_template, template_mark
 from mpo.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -30,30 +31,61 @@ TOKENIZER_FILES = (
 )
 
 
-def chat_template(system_message: str | None = None) -> str:
-    """Jinja ChatML template of InternVL2.5 with a default system turn.
+def _literal(text: str) -> str:
+    """A Jinja string literal for ``text``."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def chat_template(
+    system_message: str | None = None, template: ChatTemplate = INTERNVL2_5, with_bos: bool = False
+) -> str:
+    """Jinja chat template rendering exactly the text ``template`` trains on, with a default system turn.
 
     Images in list-style content become ``<IMG_CONTEXT>\\n``, which transformers'/vLLM's
     ``InternVLProcessor`` expands to ``<img>`` + ``<IMG_CONTEXT>`` x N + ``</img>``, so the text equals
-    what ``mpo.data.template`` trains on (``<image>\\n`` prefixed to the question).
+    what ``mpo.data.template`` trains on (``<image>\\n`` prefixed to the question). ``with_bos``: the
+    tokenizer adds a BOS token (InternLM2's), so the template starts with it, once. The first line
+    names the template, for ``data.template=auto`` on the exported folder.
     """
-    system = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
-    system = system.replace("'", "\\'")
+    t = template
+    system = t.system_message if system_message is None else system_message
+    close = _literal(t.end_of_turn + t.turn_separator)
+    prefixes = (
+        "{"
+        + ", ".join(
+            f"'{role}': {_literal(p)}"
+            for role, p in (
+                ("system", t.system_prefix),
+                ("user", t.user_prefix),
+                ("assistant", t.assistant_prefix),
+            )
+        )
+        + "}"
+    )
+    # internlm2-chat strips user and assistant messages (preprocess_internlm); never the system one.
+    body = "render(message['content'])" + (" | trim" if t.strip_messages else "")
     return (
-        "{%- macro render(content) -%}"
+        template_mark(t.name) + "{%- macro render(content) -%}"
         "{%- if content is string -%}{{ content }}"
         "{%- else -%}{%- for item in content -%}"
         "{%- if item['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}"
         "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{%- endmacro -%}"
-        "{%- if messages[0]['role'] != 'system' -%}"
-        "{{ '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}"
+        "{%- set prefix = "
+        + prefixes
+        + " -%}"
+        + ("{{- bos_token -}}" if with_bos else "")
+        + "{%- if messages[0]['role'] != 'system' -%}"
+        "{{ " + _literal(t.system_prefix + system) + " + " + close + " }}"
         "{%- endif -%}"
         "{%- for message in messages -%}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' }}{{ render(message['content']) }}{{ '<|im_end|>\\n' }}"
+        "{%- if message['role'] == 'system' -%}{{ prefix['system'] + render(message['content']) + "
+        + close
+        + " }}"
+        "{%- else -%}{{ prefix[message['role']] + (" + body + ") + " + close + " }}{%- endif -%}"
         "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+        "{%- if add_generation_prompt -%}{{ prefix['assistant'] }}{%- endif -%}"
     )
 
 
@@ -113,12 +145,12 @@ def export_model(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     model, tok_src = load_merged(ckpt, base, torch_dtype)
+    tokenizer = load_tokenizer(tok_src)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "native":
         model.save_pretrained(str(out))
     else:
-        save_original(model, out)
-    tokenizer = load_tokenizer(tok_src)
+        save_original(model, out, template=export_template(cfg, tokenizer).name)
     extra = {"exported_from": str(ckpt), "format": fmt, "lora_merged": is_adapter_dir(ckpt)}
     if is_adapter_dir(ckpt):
         extra["base_model"] = adapter_base_path(ckpt, base)
@@ -158,11 +190,12 @@ def write_export_metadata(
         if not has_tok and cfg is None:
             raise ValueError(f"{out}: holds no tokenizer; pass tokenizer= or cfg=")
         tokenizer = load_tokenizer(str(out) if has_tok else cfg.model.path)
-    tokenizer.chat_template = chat_template(system)
+    encoder = TemplateEncoder(tokenizer, system, export_template(cfg, tokenizer))
+    tokenizer.chat_template = chat_template(system, encoder.spec, with_bos=bool(encoder.bos_ids))
     written = list(tokenizer.save_pretrained(str(out)))
     (out / "chat_template.jinja").write_text(tokenizer.chat_template)
     written.append(str(out / "chat_template.jinja"))
-    written.append(_write_generation_config(out, tokenizer))
+    written.append(_write_generation_config(out, tokenizer, encoder.eos_id))
     vision = _vision_spec(out, config)
     if vision is not None:
         written += _write_processor_files(out, vision, cfg)
@@ -171,10 +204,14 @@ def write_export_metadata(
     return [Path(w).name for w in written]
 
 
-def _write_generation_config(out: Path, tokenizer) -> str:
+def export_template(cfg, tokenizer) -> ChatTemplate:
+    """The run's template (``data.template``, ``auto`` resolved on the tokenizer)."""
+    return resolve_template(getattr(getattr(cfg, "data", None), "template", "auto"), tokenizer)
+
+
+def _write_generation_config(out: Path, tokenizer, end_of_turn: int) -> str:
     from transformers import GenerationConfig
 
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     gen = (
         GenerationConfig.from_pretrained(str(out))
         if (out / "generation_config.json").is_file()
@@ -187,8 +224,8 @@ def _write_generation_config(out: Path, tokenizer) -> str:
         if gen.eos_token_id is not None
         else []
     )
-    # A chat answer ends with <|im_end|>; keep any other stop ids the base model had.
-    gen.eos_token_id = [im_end] + [e for e in eos if e != im_end]
+    # A chat answer ends with the template's end-of-turn token; keep any other stop ids the base model had.
+    gen.eos_token_id = [end_of_turn] + [e for e in eos if e != end_of_turn]
     gen.pad_token_id = tokenizer.pad_token_id
     gen.do_sample = False
     gen.save_pretrained(str(out))
@@ -261,7 +298,7 @@ def model_card(cfg, summary: dict[str, Any], extra: dict[str, Any], system: str 
             lines.append(f"- {k.replace('_', ' ').capitalize()}: {v}")
     if vision is not None:
         lines.append(f"- Tiles: {vision.image_size}px, {vision.tokens_per_tile} image tokens per tile")
-    sys_note = "InternVL's default system prompt" if system is None else "the run's system prompt"
+    sys_note = "the template's default system prompt" if system is None else "the run's system prompt"
     lines += [
         "",
         "## Use",

@@ -1,7 +1,7 @@
 """Greedy answers from a trained model, with the exact tiling and template used in training.
 
-The prompt is built by ``mpo.data`` (InternVL tiling, ``internvl2_5`` template with the default
-system prompt), not by a processor, so what a user sees is what training optimised.
+The prompt is built by ``mpo.data`` (InternVL tiling, the checkpoint's chat template with its
+default system prompt), not by a processor, so what a user sees is what training optimised.
 """
 
 from __future__ import annotations
@@ -22,21 +22,24 @@ def build_prompt(
     image: Image.Image | None = None,
     max_num: int = 12,
     system_message: str | None = None,
+    template: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Model inputs for one question (and optionally one image), ending in the assistant prefix.
+
+    ``template``: a template name or ``auto`` (the checkpoint's, see ``mpo.data.template``).
 
     Returns:
         ``input_ids`` and ``attention_mask`` ``(1, L)``; ``pixel_values`` ``(tiles, 3, S, S)`` when
         an image is given (S = ``vision.image_size``).
     """
-    encoder = TemplateEncoder(tokenizer, system_message)
+    encoder = TemplateEncoder(tokenizer, system_message, template)
     pixel_values = None
     counts: list[int] = []
     if image is not None:
         pixel_values = tile_image(image.convert("RGB"), max_num, vision.image_size)
         counts = [pixel_values.shape[0] * vision.tokens_per_tile]
     text = expand_image_placeholders(question, counts) if counts else question
-    ids = encoder.encode_prompt(text) + encoder.prefix_ids  # prefix_ids: "<|im_start|>assistant\n"
+    ids = encoder.generation_prefix(text)
     out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     if pixel_values is not None:
         out["pixel_values"] = pixel_values
@@ -45,20 +48,20 @@ def build_prompt(
 
 @torch.no_grad()
 def greedy_generate(
-    model, tokenizer, inputs: dict[str, torch.Tensor], max_new_tokens: int = 128
+    model, tokenizer, inputs: dict[str, torch.Tensor], max_new_tokens: int = 128, template: str = "auto"
 ) -> list[int]:
-    """New token ids of a greedy decode, stopping after ``<|im_end|>`` (included when reached)."""
+    """New token ids of a greedy decode, stopping after the template's end-of-turn token (included when reached)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     batch = {k: v.to(device) for k, v in inputs.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end_of_turn = TemplateEncoder(tokenizer, template=template).eos_id
     out = model.generate(
         **batch,
         do_sample=False,
         max_new_tokens=max_new_tokens,
-        eos_token_id=im_end,
+        eos_token_id=end_of_turn,
         pad_token_id=tokenizer.pad_token_id,
     )
     return out[0, batch["input_ids"].shape[1] :].tolist()

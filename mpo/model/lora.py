@@ -6,11 +6,15 @@
     r: 16                              rank
     alpha: 32                          scaling numerator (scale = alpha / r)
     dropout: 0.05
-    target_modules: [q_proj, v_proj]   optional: leaf names to adapt inside the chosen part(s)
+    target_modules: [q_proj, v_proj]   optional: leaf names to adapt inside the chosen part(s);
+                                       InternLM2's own names (wqkv, wo, w1, w2, w3) are accepted
     modules_to_save: [projector]       optional: parts trained in full beside the adapters
 
 Targets are one regex anchored on ``language_model`` / ``vision_tower``: a plain list of leaf names
-(``q_proj``...) would also hit the ViT's ``q_proj/k_proj/v_proj`` (peft matches leaf names anywhere). With adapters
+(``q_proj``...) would also hit the ViT's ``q_proj/k_proj/v_proj`` (peft matches leaf names anywhere).
+The default LLM leaves cover every backbone as it is in memory: Qwen2/Qwen3/Llama/InternLM3 and
+InternLM2 (hosted as Llama, ``mpo.model.backbones``) have ``q_proj``...``down_proj``, Phi-3 its fused
+``qkv_proj``/``gate_up_proj``. With adapters
 disabled the model is exactly the base model, which is the MPO reference
 (``model.reference=lora_disabled``): no second copy of the weights.
 """
@@ -26,8 +30,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Linear layers of the Qwen2/Llama decoder and of InternViT (native names, docs/internvl-format.md §1).
-LLM_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linear layers of the LLM decoders (native names; Phi-3 fuses q|k|v and gate|up) and of InternViT
+# (docs/internvl-format.md §1).
+LLM_MODULES = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+)  # fmt: skip
 VISION_MODULES = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
 # Where each part's decoder/encoder layers live (in-memory names of InternVLForConditionalGeneration).
 PART_PREFIX = {"llm": r"language_model\.layers\.\d+", "vision": r"vision_tower\.encoder\.layer\.\d+"}
@@ -125,11 +132,12 @@ def apply_lora(model: torch.nn.Module, lora_cfg: dict[str, Any]):
     if problems:
         raise LoraConfigError("; ".join(problems))
     target = lora_cfg.get("target", "llm")
-    regex = target_regex(target, lora_cfg.get("target_modules"))
+    leaves = native_leaves(model, lora_cfg.get("target_modules"))
+    regex = target_regex(target, leaves)
     matched = matching_modules(model, regex)
     parts = ["llm", "vision"] if target == "both" else [target]
     for part in parts:
-        part_re = target_regex(part, lora_cfg.get("target_modules"))
+        part_re = target_regex(part, leaves)
         if not matching_modules(model, part_re):
             examples = _leaf_names(model, part)
             raise LoraConfigError(
@@ -152,6 +160,30 @@ def apply_lora(model: torch.nn.Module, lora_cfg: dict[str, Any]):
         target, len(matched), trainable, total, 100 * trainable / max(total, 1),
     )  # fmt: skip
     return peft_model
+
+
+def native_leaves(model: torch.nn.Module, target_modules: list[str] | None) -> list[str] | None:
+    """``target_modules`` with InternLM2's original names replaced by what the model holds.
+
+    An original InternLM2 checkpoint is hosted as a Llama text model (``mpo.model.backbones``), so
+    ``wqkv`` is ``q_proj``/``k_proj``/``v_proj`` in memory, ``wo`` is ``o_proj`` and ``w1``/``w3``/``w2``
+    are ``gate_proj``/``up_proj``/``down_proj``. Names the model has are kept as they are.
+    """
+    if not target_modules:
+        return target_modules
+    from mpo.model.backbones import ORIGINAL_LORA_NAMES
+
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    out: list[str] = []
+    for name in target_modules:
+        if name not in present and name in ORIGINAL_LORA_NAMES:
+            logger.info(
+                "model.lora.target_modules: %s is %s in the loaded model", name, ORIGINAL_LORA_NAMES[name]
+            )
+            out += [n for n in ORIGINAL_LORA_NAMES[name] if n not in out]
+        elif name not in out:
+            out.append(name)
+    return out
 
 
 def _leaf_names(model: torch.nn.Module, part: str) -> list[str]:
