@@ -6,7 +6,7 @@ tokens and ``<|im_start|>assistant\\n``), computed once. A packed micro-batch is
 many pairs as fit in ``data.max_tokens_per_batch`` tokens; attention is block-diagonal over pairs
 (``mpo.pair_attention``), so each pair's log-probs are those of its own unpacked sequences.
 
-- ``packed_lengths``: estimated tokens of each pair in that layout, the one place lengths come from.
+- ``mpo.sampler.packed_lengths``: tokens of each pair in that layout (from the length index).
 - ``pack_bins``: best-fit decreasing (Johnson 1974; ≤ 11/9·OPT + 6/9 bins) within windows of a
   seeded random order, so rows fill well on skewed lengths and the result depends only on the seed.
 - ``PackedBatchSampler``: the training batches: bins formed once per run, their order reshuffled
@@ -37,16 +37,6 @@ logger = logging.getLogger(__name__)
 # Columns of the ``pairs`` table of a packed batch, and of its ``scored`` table.
 PAIR_COLUMNS = ("row", "start", "prefix", "chosen", "rejected")  # suffix lengths for chosen/rejected
 SCORED_COLUMNS = ("row", "col", "target", "owner")  # owner: k = chosen of pair k, K + k = its rejected
-
-
-def packed_lengths(pair_dataset) -> np.ndarray:
-    """Estimated packed tokens of every pair, ``(N,)``: prompt (image tokens included) once, plus
-    both answers; an upper bound of the packed length when the answers tokenize alone as they do
-    in the template (the common prefix is at least the prompt)."""
-    from mpo.data.lengths import length_index
-
-    prefix = len(pair_dataset.encoder.template.prefix_ids)
-    return length_index(pair_dataset).packed_tokens(pair_dataset.cfg.max_length, prefix)
 
 
 def pack_bins(
@@ -106,7 +96,7 @@ class PackedBatchSampler(BatchRebalanceSampler):
     and keeps accelerate from sharding it again, since it is rank-aware. None of its methods are used.
 
     Args:
-        lengths: ``(N,)`` estimated packed tokens per pair (``packed_lengths``).
+        lengths: ``(N,)`` estimated packed tokens per pair (``mpo.sampler.packed_lengths``).
         max_tokens: the budget of one micro-batch.
         seed: bins and every epoch's order depend on it (and the epoch) only.
         num_replicas, rank: this process's share: batch ``k`` of an epoch goes to rank

@@ -268,7 +268,7 @@ def build_trainer(cfg: ExperimentConfig, stop=None):
         raise
     lengths = None
     if cfg.data.packing:
-        from mpo.packing import packed_lengths
+        from mpo.sampler import packed_lengths
 
         lengths = lambda: packed_lengths(data.train_pairs)  # noqa: E731
     elif cfg.data.group_by_length:

@@ -36,6 +36,13 @@ def pair_lengths(pairs) -> np.ndarray:
     return length_index(pairs).pair_tokens(pairs.cfg.max_length)
 
 
+def packed_lengths(pairs) -> np.ndarray:
+    """Tokens of each pair in the packed layout ``[prefix | chosen | rejected]`` (``mpo.packing``),
+    int32 ``(N,)``: an upper bound (``LengthIndex.packed_tokens``), from the same length index."""
+    prefix = len(pairs.encoder.template.prefix_ids)
+    return length_index(pairs).packed_tokens(pairs.cfg.max_length, prefix)
+
+
 def length_grouped_indices(
     lengths: np.ndarray, batch_size: int, generator: torch.Generator, mega_batch_mult: int = 50
 ) -> np.ndarray:

@@ -27,8 +27,9 @@ from tolerances import EPS32, C
 from mpo.data.collate import PackedPairCollator, PairCollator
 from mpo.data.template import IGNORE_INDEX
 from mpo.logprobs import batch_logps
-from mpo.packing import PackedBatchSampler, pack_bins, pack_pairs, packed_lengths
+from mpo.packing import PackedBatchSampler, pack_bins, pack_pairs
 from mpo.pair_attention import DenseBlocks, FlashVarlen, FlexBlocks, pair_mask_mod, token_ids
+from mpo.sampler import packed_lengths
 from mpo.shared_prompt import packed_batch_logps
 
 REL64 = 1e-10
