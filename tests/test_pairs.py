@@ -102,7 +102,8 @@ def write_images(root: Path) -> None:
 def write_samples(folder: Path, root: Path, prompts: list[tuple[dict, list[str]]], **manifest) -> Path:
     """A folder as `mpo pairs sample` writes it, with the given answers."""
     folder.mkdir(parents=True)
-    base = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 16, "batch_size": 2, "seed": 0}
+    base = {"prompts": str(root / "prompts.jsonl"), "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    base |= {"max_new_tokens": 16, "batch_size": 2, "seed": 0}
     (folder / MANIFEST).write_text(json.dumps(base | manifest))
     rows = []
     for i, (record, answers) in enumerate(prompts):
@@ -119,7 +120,7 @@ def write_samples(folder: Path, root: Path, prompts: list[tuple[dict, list[str]]
 RED = {"image": "img/red.png", "question": "<image>\nWhat color is the shape?", "answer_gt": "red"}
 BLUE = {"image": "img/blue.png", "question": "What color is the shape?", "answer_gt": "blue", "id": "b"}
 SAMPLES = [
-    (RED, ["The shape is red.", "The shape is blue.", "The shape is red. ", "Red", "It is green."]),
+    (RED, ["The shape is red.", "The shape is blue.", "The shape is red. ", "Red", " ", "It is green."]),
     (BLUE, ["The shape is blue.", "blue"]),  # all right
     ({**RED, "answer_gt": "green"}, ["The shape is red.", "It is blue."]),  # all wrong
     ({"question": "Describe the image.", "image": "img/red.png"}, ["A red square."]),  # no answer_gt
@@ -147,7 +148,9 @@ def test_build_correctness_pairs_report_and_data_check(tmp_path, tiny_model_dir,
     ]
     assert lines[0]["image"] == "img/red.png" and lines[0]["answer_gt"] == "red"
     s = report["datasets"]["shapes"]
-    assert s["prompts"] == 5 and s["samples"] == 13 and s["duplicate_samples"] == 1
+    assert (
+        s["prompts"] == 5 and s["samples"] == 14 and s["duplicate_samples"] == 1 and s["empty_samples"] == 1
+    )
     assert s["pairs"] == 5 and s["prompts_with_pairs"] == 2
     assert s["no_pair"] == {"all_correct": 1, "all_wrong": 1, "no_answer_gt": 1}
     assert s["extraction_failures"] == 1 and s["failure_examples"][0]["answer"] == "I cannot count."
@@ -457,3 +460,28 @@ def test_dropout_ntp_continues_the_cut_answer_without_the_image(tmp_path, tiny_m
         )
         assert line["image"] == record["image"]  # the pair itself keeps its image for training
     assert report["datasets"]["shapes"]["no_pair"] == {"no_right_answer": 1}
+
+    # The command: the same samples and seed give the same pairs.
+    config = sample_config(tmp_path, tiny_model_dir)
+    argv = ["pairs", "build", "--dropout-ntp", "--samples", str(samples), "--out", str(tmp_path / "cli")]
+    assert main([*argv, "--config", str(config)]) == 0
+    assert (tmp_path / "cli" / "shapes.jsonl").read_text() == (tmp_path / "out" / "shapes.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_prompt_that_cannot_be_encoded_stops_or_is_recorded(tmp_path, tiny_model_dir, capsys):
+    write_images(tmp_path)
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps(RED) + "\n" + json.dumps({**RED, "image": "img/broken.png"}) + "\n")
+    cfg = sample_config(tmp_path, tiny_model_dir)
+    assert main(sample_argv(cfg, prompts, tmp_path / "a")) == 2
+    assert f"{prompts}:2: field 'image': cannot decode image" in capsys.readouterr().err
+    assert main([*sample_argv(cfg, prompts, tmp_path / "b"), "data.on_bad_sample=skip"]) == 0
+    assert "1 could not be encoded" in capsys.readouterr().out
+    rows = read_shards(tmp_path / "b")
+    assert rows["p/line2"]["reason"] == "corrupt_image" and len(rows["p/line1"]["samples"]) == 3
+    argv = ["pairs", "build", "--correctness", "--samples", str(tmp_path / "b"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2  # the random model is never right: no pair, and the report says why
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["total"]["no_pair"] == {"all_wrong": 1, "not_sampled:corrupt_image": 1}

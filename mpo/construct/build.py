@@ -2,7 +2,8 @@
 
 Correctness pairs (Wang et al. 2024, arXiv:2411.10442, §3.1, for prompts with a clear answer):
 each sampled answer is judged against the prompt's ``answer_gt`` (``mpo.construct.judge``); a pair
-is a correct answer (chosen) and a wrong one (rejected). Identical answers count once. A prompt
+is a correct answer (chosen) and a wrong one (rejected). Identical answers count once; empty
+answers are left out (training refuses them) and counted. A prompt
 gives at most ``max_pairs_per_prompt`` pairs, chosen and rejected answers used as evenly as possible
 (pair ``k`` is the ``k``-th correct with the ``k``-th wrong, both cycling, in sampling order; then
 the remaining combinations), so no answer dominates. A prompt whose answers all agree (all right,
@@ -40,6 +41,7 @@ class DatasetReport:
     prompts: int = 0
     samples: int = 0
     duplicate_samples: int = 0
+    empty_samples: int = 0
     correct: int = 0
     wrong: int = 0
     extraction_failures: int = 0
@@ -56,17 +58,19 @@ class DatasetReport:
         }
 
 
-def unique_texts(samples: Iterable[dict[str, Any]]) -> tuple[list[str], int]:
-    """Distinct answer texts in sampling order (compared after stripping), and how many repeated."""
+def unique_texts(samples: Iterable[dict[str, Any]], report: DatasetReport) -> list[str]:
+    """Distinct non-empty answer texts in sampling order (compared after stripping); repeats and
+    empty answers (training refuses an empty answer) are counted in ``report``."""
     seen: dict[str, None] = {}
-    repeats = 0
     for s in samples:
         text = s["text"].strip()
-        if text in seen:
-            repeats += 1
+        if not text:
+            report.empty_samples += 1
+        elif text in seen:
+            report.duplicate_samples += 1
         else:
             seen[text] = None
-    return list(seen), repeats
+    return list(seen)
 
 
 def pick_pairs(chosen: list[str], rejected: list[str], cap: int) -> list[tuple[str, str]]:
@@ -105,8 +109,7 @@ def correctness_pairs(
     if row["record"].get("answer_gt") is None:
         report.no_pair["no_answer_gt"] += 1
         return []
-    texts, repeats = unique_texts(samples)
-    report.duplicate_samples += repeats
+    texts = unique_texts(samples, report)
     if not texts:
         report.no_pair["no_samples"] += 1
         return []
@@ -179,8 +182,9 @@ def write_pairs(
         meta[name] = entry | {"repeat_time": 1, "length": len(pair_lines)}
     total = DatasetReport()
     for r in reports.values():
-        for k in ("prompts", "samples", "duplicate_samples", "correct", "wrong", "extraction_failures"):
+        for k in ("prompts", "samples", "duplicate_samples", "empty_samples", "correct", "wrong"):
             setattr(total, k, getattr(total, k) + getattr(r, k))
+        total.extraction_failures += r.extraction_failures
         total.pairs += r.pairs
         total.prompts_with_pairs += r.prompts_with_pairs
         total.no_pair.update(r.no_pair)
@@ -201,7 +205,8 @@ def format_report(report: dict[str, Any]) -> str:
     out = []
     for name, r in [*report["datasets"].items(), ("total", report["total"])]:
         out.append(
-            f"{name}: {r['prompts']} prompts, {r['samples']} samples ({r['duplicate_samples']} repeated), "
+            f"{name}: {r['prompts']} prompts, {r['samples']} samples ({r['duplicate_samples']} repeated, "
+            f"{r['empty_samples']} empty), "
             f"{r['correct']} right / {r['wrong']} wrong, {r['extraction_failures']} without a readable "
             f"answer -> {r['pairs']} pairs from {r['prompts_with_pairs']} prompts"
         )

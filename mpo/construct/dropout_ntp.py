@@ -60,8 +60,7 @@ def chosen_answers(
         return [], f"not_sampled:{row.get('reason', 'error')}"
     report.samples += len(row["samples"])
     finished = [s for s in row["samples"] if not s["hit_limit"]]
-    texts, repeats = unique_texts(finished)
-    report.duplicate_samples += repeats
+    texts = unique_texts(finished, report)
     if not texts:
         return [], "all_hit_limit" if row["samples"] else "no_samples"
     if row["record"].get("answer_gt") is None:
@@ -130,7 +129,7 @@ def build_dropout_ntp(
         answers = generator.sample(prompts, sampling, chunk_seed(sampling.seed, k // b), n=1)
         for (row, chosen, ids), (answer,) in zip(batch, answers):
             rejected = (template.tokenizer.decode(ids, skip_special_tokens=True) + answer.text).strip()
-            if rejected == chosen.strip():
+            if not rejected or rejected == chosen.strip():
                 continue  # the model wrote the same without the image: no pair from this answer
             made.setdefault(row["key"], []).append(pair_record(row, chosen, rejected))
 
