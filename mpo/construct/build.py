@@ -207,8 +207,8 @@ def format_report(report: dict[str, Any]) -> str:
         out.append(
             f"{name}: {r['prompts']} prompts, {r['samples']} samples ({r['duplicate_samples']} repeated, "
             f"{r['empty_samples']} empty), "
-            f"{r['correct']} right / {r['wrong']} wrong, {r['extraction_failures']} without a readable "
-            f"answer -> {r['pairs']} pairs from {r['prompts_with_pairs']} prompts"
+            f"distinct answers {r['correct']} right / {r['wrong']} wrong, {r['extraction_failures']} without "
+            f"a readable answer -> {r['pairs']} pairs from {r['prompts_with_pairs']} prompts"
         )
         if r["no_pair"]:
             out.append("  no pair: " + ", ".join(f"{k} {v}" for k, v in r["no_pair"].items()))

@@ -217,7 +217,7 @@ def run_sampling(
     check_manifest(out, manifest_for(cfg, prompts_path, len(prompts), settings), write=rank == 0)
     own = shard_path(out, rank)
     drop_torn_tail(own)
-    done = set(read_shards(out))
+    done = set(read_shards(out, keys_only=True))
     b = settings.batch_size
     chunks = [list(enumerate(prompts))[i : i + b] for i in range(0, len(prompts), b)]
     todo = [c for c in range(rank, len(chunks), world) if any(p.key not in done for _, p in chunks[c])]

@@ -55,8 +55,10 @@ def drop_torn_tail(path: Path) -> int:
     return size - keep
 
 
-def read_shards(out_dir: Path) -> dict[str, dict[str, Any]]:
+def read_shards(out_dir: Path, keys_only: bool = False) -> dict[str, dict[str, Any]]:
     """Every finished prompt's line, by key, from all shards (a torn last line is ignored here).
+
+    ``keys_only``: the values are empty dicts (a resuming run needs only the keys, not every answer).
 
     Raises:
         DataError: a line that is not JSON (other than a torn last line), or a key in two lines.
@@ -65,19 +67,20 @@ def read_shards(out_dir: Path) -> dict[str, dict[str, Any]]:
     where_of: dict[str, str] = {}
     for path in sorted(out_dir.glob(SHARD_PATTERN)):
         with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-        for n, raw in enumerate(lines[:-1], start=1):  # the last piece is b"" or a torn line
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc})") from exc
-            key = row.get("key")
-            if key in done:
-                raise DataError(f"{path}:{n}: prompt {key!r} is also in {where_of[key]}")
-            done[key] = row
-            where_of[key] = f"{path}:{n}"
+            for n, raw in enumerate(f, start=1):
+                if not raw.endswith(b"\n"):
+                    break  # a torn last line: that prompt is not done
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: not valid JSON ({exc})") from exc
+                key = row.get("key")
+                if key in done:
+                    raise DataError(f"{path}:{n}: prompt {key!r} is also in {where_of[key]}")
+                done[key] = {} if keys_only else row
+                where_of[key] = f"{path}:{n}"
     return done
 
 
