@@ -5,6 +5,8 @@ two ranks), the sampling prompt equal to training's, and DropoutNTP continuing w
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from mpo.construct.prompts import read_prompts
 from mpo.construct.store import MANIFEST, drop_torn_tail, read_shards, shard_path
 from mpo.data.mmpr import DataError
 
+ROOT = Path(__file__).resolve().parents[1]
 MC = "Which colour is the shape?\nA. red\nB. blue\nC. dark green\nD. green"
 
 # (question, answer_gt, answer, what is read, right?)
@@ -356,15 +359,18 @@ def test_sampling_is_deterministic_and_resumes_exactly(
     assert "16 already sampled, 0 sampled now" in capsys.readouterr().out
     assert sum(1 for _ in open(shard_path(resumed, 0))) == 16
 
-    # Two ranks, each its own chunks and shard: the same samples.
+    # Two processes under torchrun, each its own chunks and shard: the same samples.
     ranks = tmp_path / "ranks"
-    for rank in (1, 0):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main(sample_argv(cfg, prompts, ranks)) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    done = subprocess.run(
+        [*torchrun, "-m", "mpo.cli", *sample_argv(cfg, prompts, ranks)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     assert shard_path(ranks, 1).is_file() and read_shards(ranks) == first
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
 
     # Another seed: other samples; other settings into the same folder: refused.
     other = tmp_path / "other"
