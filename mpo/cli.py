@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "cmd_data",
         "check | inspect | index | convert: validate data, show a pair as the model sees it, cache pair lengths, convert formats",
     ),
+    "pairs": (
+        "mpo.construct.cli",
+        "cmd_pairs",
+        "sample | build: sample answers to your prompts, build MPO pairs by correctness or DropoutNTP",
+    ),
     "precompute-ref": ("mpo.cli", "cmd_precompute_ref", "cache reference log-probs (model.reference=cache)"),
     "report": ("mpo.report", "cmd_report", "HTML report + plots from metrics.jsonl, with a verdict"),
     "summary": ("mpo.cli", "cmd_summary", "a finished run's summary"),
@@ -44,6 +49,8 @@ USAGE = """usage: mpo COMMAND [ARGS]
   mpo generate --model DIR --image X --question Q   greedy answer from a model
   mpo eval --model DIR --benchmark FILE.tsv         benchmark accuracy (VLMEvalKit TSV layout)
   mpo data convert --from trl|llamafactory|swift IN OUT   other formats -> MMPR meta + JSONL
+  mpo pairs sample --config X --prompts P --out S   N sampled answers per prompt (resumable, any ranks)
+  mpo pairs build --correctness --samples S --out D right vs wrong answers -> MMPR pairs + report
   mpo consolidate CKPT OUT | convert | export       model folders
 
 `mpo COMMAND --help` describes each."""

@@ -231,10 +231,11 @@ def normalize(text: str) -> str:
     return " ".join(w for w in cleaned.split() if w not in _ARTICLES)
 
 
-def extract_number(text: str) -> float | None:
-    """The last number in ``text`` ("1,234" = 1234, "−3.5" = -3.5, units ignored); None without one."""
+def extract_number(text: str, first: bool = False) -> float | None:
+    """The last (``first``: the first) number in ``text`` ("1,234" = 1234, "−3.5" = -3.5, units
+    ignored); None without one."""
     found = _NUMBER.findall(text.replace("\u2212", "-"))
-    return float(found[-1].replace(",", "")) if found else None
+    return float(found[0 if first else -1].replace(",", "")) if found else None
 
 
 def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
@@ -276,7 +277,8 @@ def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
     lone = [
         m.group(1)
         for m in re.finditer(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", p)
-        if not (m.group(1) == "A" and re.match(r"\s+[a-z]", p[m.end() :]))
+        # "A red circle" is the article; "A or B" is not.
+        if not (m.group(1) == "A" and re.match(r"\s+(?!(?:or|and)\b)[a-z]", p[m.end() :]))
     ]
     if lone:
         return pick(lone)
@@ -314,7 +316,7 @@ def _text_matches(prediction: str, expected: str) -> bool:
     return said == want or said.startswith(want + " ") or said.endswith(" " + want)
 
 
-def _numeric(expected: str) -> float | None:
+def numeric_answer(expected: str) -> float | None:
     """The expected answer as a number when it is one, possibly with a unit ("12 cm")."""
     value = extract_number(expected)
     rest = _NUMBER.sub(" ", expected.replace("\u2212", "-")).split()
@@ -327,16 +329,20 @@ class Scored:
     correct: bool
 
 
-def score(q: Question, prediction: str) -> Scored:
-    """Whether ``prediction`` answers ``q`` correctly, and what was read from it."""
+def score(q: Question, prediction: str, rel_tol: float = 1e-9, abs_tol: float = 1e-9) -> Scored:
+    """Whether ``prediction`` answers ``q`` correctly, and what was read from it.
+
+    ``rel_tol``/``abs_tol``: how far a numeric answer may be from the expected number
+    (``math.isclose``); the defaults ask for the same number up to float rounding.
+    """
     if q.multiple_choice:
         letter = extract_choice(prediction, q.options)
         return Scored(letter, letter == q.answer)
     expected = _expected_answers(q.answer)
-    numbers = [_numeric(e) for e in expected]
+    numbers = [numeric_answer(e) for e in expected]
     if all(n is not None for n in numbers):
         got = extract_number(prediction)
-        ok = got is not None and any(math.isclose(got, n, rel_tol=1e-9, abs_tol=1e-9) for n in numbers)
+        ok = got is not None and any(math.isclose(got, n, rel_tol=rel_tol, abs_tol=abs_tol) for n in numbers)
         return Scored(None if got is None else f"{got:g}", ok)
     said = normalize(prediction)
     return Scored(said or None, any(_text_matches(prediction, e) for e in expected))

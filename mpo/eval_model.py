@@ -97,45 +97,13 @@ class BenchmarkRunner:
         expanded = expand_image_placeholders(text, [t.shape[0] * self.vision.tokens_per_tile for t in tiles])
         return self.encoder.generation_prefix(expanded), torch.cat(tiles)
 
-    @torch.no_grad()
     def generate(
         self, model, prompts: list[tuple[list[int], torch.Tensor | None]], synced: bool = False
     ) -> list[Answer]:
         """Greedy answers to a batch of encoded prompts (left-padded into one ``generate`` call)."""
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids, _ in prompts)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-        tiles = [t for _, t in prompts if t is not None]
-        if tiles:  # image features fill <IMG_CONTEXT> positions in batch order, as tiles are concatenated
-            kwargs["pixel_values"] = torch.cat(tiles).to(device=device, dtype=dtype)
-        eot, limit = self.encoder.eos_id, self.settings.max_new_tokens
-        out = model.generate(
-            **kwargs,
-            max_new_tokens=limit,
-            do_sample=False,
-            eos_token_id=eot,
-            pad_token_id=pad,
-            synced_gpus=synced,
+        return generate_batch(
+            model, self.tokenizer, self.encoder.eos_id, prompts, self.settings.max_new_tokens, synced
         )
-        answers = []
-        for row in out[:, width:].tolist():
-            used = row[: row.index(eot) + 1] if eot in row else row[:limit]
-            text_ids = used[:-1] if used and used[-1] == eot else used
-            answers.append(
-                Answer(
-                    self.tokenizer.decode(text_ids, skip_special_tokens=True),
-                    len(used),
-                    hit_limit(used, limit, eot),
-                )
-            )
-        return answers
 
     def _stand_in(self) -> tuple[list[int], torch.Tensor]:
         """A one-tile blank-image prompt whose answer is dropped (keeps ZeRO-3 ranks in step)."""
@@ -175,6 +143,60 @@ class BenchmarkRunner:
         finally:
             model.train(was_training)
         return gather_answers(local, len(bench.questions), world)
+
+
+@torch.no_grad()
+def generate_batch(
+    model,
+    tokenizer,
+    eos_id: int,
+    prompts: list[tuple[list[int], torch.Tensor | None]],
+    max_new_tokens: int,
+    synced: bool = False,
+    **sampling: Any,
+) -> list[Answer]:
+    """Answers to a batch of encoded prompts, left-padded into one ``generate`` call.
+
+    Args:
+        eos_id: the template's end-of-turn token, where an answer stops.
+        prompts: ``(prompt ids, tiles (tiles, 3, S, S) or None)`` per row.
+        synced: ZeRO-3 (every rank runs every forward).
+        sampling: ``do_sample``, ``temperature``, ``top_p``... for ``generate``; none: greedy.
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    pad = tokenizer.pad_token_id
+    width = max(len(ids) for ids, _ in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    tiles = [t for _, t in prompts if t is not None]
+    if tiles:  # image features fill <IMG_CONTEXT> positions in batch order, as tiles are concatenated
+        kwargs["pixel_values"] = torch.cat(tiles).to(device=device, dtype=dtype)
+    out = model.generate(
+        **kwargs,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling.pop("do_sample", False),
+        eos_token_id=eos_id,
+        pad_token_id=pad,
+        synced_gpus=synced,
+        **sampling,
+    )
+    answers = []
+    for row in out[:, width:].tolist():
+        used = row[: row.index(eos_id) + 1] if eos_id in row else row[:max_new_tokens]
+        text_ids = used[:-1] if used and used[-1] == eos_id else used
+        answers.append(
+            Answer(
+                tokenizer.decode(text_ids, skip_special_tokens=True),
+                len(used),
+                hit_limit(used, max_new_tokens, eos_id),
+            )
+        )
+    return answers
 
 
 def gather_answers(local: list[tuple[int, Answer]], total: int, world: int) -> list[Answer]:

@@ -246,17 +246,7 @@ class PairEncoder:
         texts = [("question", question), ("chosen", chosen), ("rejected", rejected)]
         texts += [(f"history[{k}][{j}]", t) for k, turn in enumerate(history) for j, t in enumerate(turn)]
         texts += [("system", system)] if system is not None else []
-        for field, text in texts:
-            # Structural tokens the template and the image expansion insert; never taken from the data.
-            found = next((t for t in self.template.reserved_tokens if t in text), None)
-            if found:
-                # The tokenizer would read it as the special token: image features land in the
-                # wrong place, or a turn ends early.
-                raise SampleError(
-                    f"{where}: field '{field}' contains the reserved token {found!r} "
-                    "(the template inserts these itself)",
-                    "reserved_token",
-                )
+        self._check_reserved(texts, where)
         try:
             answers = {
                 "chosen": self.template.encode_answer(chosen),
@@ -264,27 +254,10 @@ class PairEncoder:
             }
         except TemplateError as exc:
             raise SampleError(f"{where}: field 'chosen'/'rejected': {exc}", "bad_answer") from exc
-        # The user turns, oldest first: media placeholders may sit in any of them.
-        users = [user for user, _ in history] + [question]
-        video = None
-        if media_entries(obj, where)[0] == "video":
-            # The frame count depends on the room the text leaves, so the answers come first; the
-            # video sits in the first user turn, the other turns and the system prompt take room too.
-            others = len(self.template.encode_prompt(question, history, system)) - len(
-                self.template.encode_prompt(users[0])
-            )
-            longest = max(len(ids) for ids, _ in answers.values()) + others
-            pixel_values, users[0], video = self.video(spec, obj, users[0], longest, where, rng)
-            tiles = [1] * video["frames"]
-        else:
-            _, pixel_values, tiles = self.images(spec, obj, where, rng)
-        try:
-            users = expand_placeholders_in_turns(users, [n * self.vision.tokens_per_tile for n in tiles])
-        except TemplateError as exc:
-            field = "question" if not history else "question'/'history"
-            raise SampleError(f"{where}: field '{field}': {exc}", "placeholder_mismatch") from exc
-        earlier = [(user, answer) for user, (_, answer) in zip(users, history)]
-        prompt = self.template.encode_prompt(users[-1], earlier, system)
+        longest = max(len(ids) for ids, _ in answers.values())
+        prompt, pixel_values, tiles, video = self._prompt(
+            spec, obj, question, history, system, longest, where, rng
+        )
         out: dict[str, Any] = {
             "pixel_values": pixel_values,
             "num_tiles": tiles,
@@ -304,6 +277,83 @@ class PairEncoder:
                 [IGNORE_INDEX] * len(prompt) + labels[:keep], dtype=torch.long
             )
         return out, truncated
+
+    def encode_prompt(self, spec: DatasetSpec, line_no: int, obj: dict, answer_room: int) -> dict[str, Any]:
+        """A record's prompt exactly as training builds it, ending with the assistant prefix: what a
+        model continues to answer (``mpo pairs sample``). Fields other than the prompt's are ignored.
+
+        Args:
+            answer_room: tokens left for the answer (a video gets as many frames as leave this room).
+
+        Returns:
+            ``input_ids`` (list), ``pixel_values`` (``(tiles, 3, S, S)`` or None), ``num_tiles``.
+
+        Raises:
+            SampleError: naming the file, line and field.
+        """
+        where = f"{spec.annotation}:{line_no}"
+        question = _text_field(obj, "question", where)
+        history, system = _prompt_context(obj, where)
+        texts = [("question", question)] + ([("system", system)] if system is not None else [])
+        texts += [(f"history[{k}][{j}]", t) for k, turn in enumerate(history) for j, t in enumerate(turn)]
+        self._check_reserved(texts, where)
+        prompt, pixel_values, tiles, _ = self._prompt(
+            spec, obj, question, history, system, answer_room, where
+        )
+        return {
+            "input_ids": prompt + self.template.prefix_ids,
+            "pixel_values": pixel_values,
+            "num_tiles": tiles,
+        }
+
+    def _check_reserved(self, texts: list[tuple[str, str]], where: str) -> None:
+        for field, text in texts:
+            # Structural tokens the template and the image expansion insert; never taken from the data.
+            found = next((t for t in self.template.reserved_tokens if t in text), None)
+            if found:
+                # The tokenizer would read it as the special token: image features land in the
+                # wrong place, or a turn ends early.
+                raise SampleError(
+                    f"{where}: field '{field}' contains the reserved token {found!r} "
+                    "(the template inserts these itself)",
+                    "reserved_token",
+                )
+
+    def _prompt(
+        self,
+        spec: DatasetSpec,
+        obj: dict,
+        question: str,
+        history: list[tuple[str, str]],
+        system: str | None,
+        answer_len: int,
+        where: str,
+        rng: np.random.Generator | None = None,
+    ) -> tuple[list[int], torch.Tensor | None, list[int], dict[str, Any] | None]:
+        """(prompt ids without the assistant prefix, tiles or None, tiles per image/frame, the video's
+        sampling info or None); ``answer_len``: the longest answer turn, which a video leaves room for."""
+        # The user turns, oldest first: media placeholders may sit in any of them.
+        users = [user for user, _ in history] + [question]
+        video = None
+        if media_entries(obj, where)[0] == "video":
+            # The frame count depends on the room the text leaves, so the answers come first; the
+            # video sits in the first user turn, the other turns and the system prompt take room too.
+            others = len(self.template.encode_prompt(question, history, system)) - len(
+                self.template.encode_prompt(users[0])
+            )
+            longest = answer_len + others
+            pixel_values, users[0], video = self.video(spec, obj, users[0], longest, where, rng)
+            tiles = [1] * video["frames"]
+        else:
+            _, pixel_values, tiles = self.images(spec, obj, where, rng)
+        try:
+            users = expand_placeholders_in_turns(users, [n * self.vision.tokens_per_tile for n in tiles])
+        except TemplateError as exc:
+            field = "question" if not history else "question'/'history"
+            raise SampleError(f"{where}: field '{field}': {exc}", "placeholder_mismatch") from exc
+        earlier = [(user, answer) for user, (_, answer) in zip(users, history)]
+        prompt = self.template.encode_prompt(users[-1], earlier, system)
+        return prompt, pixel_values, tiles, video
 
     @staticmethod
     def _expand(question: str, token_counts: list[int], where: str) -> str:
