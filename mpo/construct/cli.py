@@ -17,10 +17,8 @@ MMPR pairs (``meta.json`` + JSONL, ready for ``mpo data check`` and training) an
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
-import sys
 
 
 def _sample_parser() -> argparse.ArgumentParser:
@@ -189,12 +187,6 @@ SUBCOMMANDS = {"sample": cmd_sample, "build": cmd_build}
 
 
 def cmd_pairs(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    if argv[0] not in SUBCOMMANDS:
-        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        print(f"error: unknown subcommand '{argv[0]}'{hint} ({', '.join(SUBCOMMANDS)})", file=sys.stderr)
-        return 2
-    return SUBCOMMANDS[argv[0]](argv[1:])
+    from mpo.cli_args import dispatch
+
+    return dispatch(argv, SUBCOMMANDS, __doc__)

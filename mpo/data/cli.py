@@ -13,7 +13,6 @@ size and tokens per tile); no model weights are loaded. ``convert`` needs no mod
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 from collections import Counter
@@ -355,12 +354,6 @@ SUBCOMMANDS = {"check": cmd_check, "inspect": cmd_inspect, "index": cmd_index, "
 
 
 def cmd_data(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    if argv[0] not in SUBCOMMANDS:
-        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        print(f"error: unknown subcommand '{argv[0]}'{hint} ({', '.join(SUBCOMMANDS)})", file=sys.stderr)
-        return 2
-    return SUBCOMMANDS[argv[0]](argv[1:])
+    from mpo.cli_args import dispatch
+
+    return dispatch(argv, SUBCOMMANDS, __doc__)

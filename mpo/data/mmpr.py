@@ -263,6 +263,21 @@ class LineError(DataError):
         self.line = line
 
 
+def _json_object(raw: bytes, path, line_no: int, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object; a ``LineError`` naming ``path:line_no`` otherwise."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LineError(f"{path}:{line_no}: not valid JSON ({exc})", "invalid_json", line_no) from exc
+    if not isinstance(obj, dict):
+        raise LineError(
+            f"{path}:{line_no}: {what} must be a JSON object, got {type(obj).__name__}",
+            "invalid_json",
+            line_no,
+        )
+    return obj
+
+
 class RecordSource(Protocol):
     path: Path
 
@@ -332,18 +347,7 @@ class JsonlFile:
     def record(self, i: int) -> tuple[int, dict[str, Any]]:
         """(1-based line number, parsed JSON object); DataError naming file and line otherwise."""
         line_no, raw = self.raw(i)
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LineError(
-                f"{self.path}:{line_no}: not valid JSON ({exc})", "invalid_json", line_no
-            ) from exc
-        if not isinstance(obj, dict):
-            raise LineError(
-                f"{self.path}:{line_no}: a line must be a JSON object, got {type(obj).__name__}",
-                "invalid_json",
-                line_no,
-            )
+        obj = _json_object(raw, self.path, line_no, "a line")
         return line_no, obj
 
 
@@ -504,18 +508,7 @@ class JsonArrayFile:
         raw = os.pread(self._fh.fileno(), end - start, start)
         stripped = raw.lstrip()
         line_no = int(self.lines[i]) + raw[: len(raw) - len(stripped)].count(b"\n")
-        try:
-            obj = json.loads(stripped)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LineError(
-                f"{self.path}:{line_no}: not valid JSON ({exc})", "invalid_json", line_no
-            ) from exc
-        if not isinstance(obj, dict):
-            raise LineError(
-                f"{self.path}:{line_no}: an element must be a JSON object, got {type(obj).__name__}",
-                "invalid_json",
-                line_no,
-            )
+        obj = _json_object(stripped, self.path, line_no, "an element")
         return line_no, obj
 
 
