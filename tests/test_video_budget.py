@@ -74,6 +74,29 @@ def test_issue_clip_gets_the_most_frames_that_fit_8192(folder, tokenizer):
     assert pair["video"]["frame_numbers"] == [int((k + 0.5) * 90 / brute) for k in range(brute)]
 
 
+def test_earlier_turns_and_system_prompt_take_their_room_from_the_frames(folder, tokenizer):
+    """A multi-turn record (read from another format) with the video in its first user turn and its
+    own system prompt: the frame count is the largest whose whole prompt, every turn and the system
+    prompt tokenized for real, leaves the longer answer whole (brute force), and it is smaller than
+    the single-turn record's."""
+    history = [[QUESTION, "The light changes. " * 40]]
+    system = "You watch videos carefully. " * 20
+    path = write_lines(folder, "turns", [line(question="And then?", history=history, system=system), line()])
+    pairs = PairDataset(path, tokenizer, INTERNVL_448, DataConfig(max_length=8192))
+    (pair, events), (single, _) = pairs[0], pairs[1]
+    assert pair is not None and not events.skipped and not events.truncated
+    enc = pairs.encoder
+    longest = max(len(enc.template.encode_answer(t)[0]) for t in ("It gets brighter.", "Nothing."))
+
+    def whole_prompt(n: int) -> int:
+        first = enc._expand(enc._video_question(QUESTION, n, ""), [enc.vision.tokens_per_tile] * n, "")
+        return len(enc.template.encode_prompt("And then?", [(first, history[0][1])], system))
+
+    brute = max(n for n in range(1, 33) if whole_prompt(n) + longest <= 8192)
+    assert pair["video"]["frames"] == brute < single["video"]["frames"]
+    assert len(pair["chosen_input_ids"]) == pair["full_lengths"]["chosen"] <= 8192
+
+
 def test_bounds_clip_length_and_video_max_frames(folder, tokenizer):
     path = write_lines(folder, "bounds", [line("short.avi"), line("long.mp4")])
     pairs = PairDataset(path, tokenizer, SMALL, DataConfig(video_min_frames=8, video_max_frames=32))
