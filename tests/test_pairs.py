@@ -271,6 +271,91 @@ def test_prompt_keys_from_meta_and_lines(tmp_path):
     assert prompts[1].line == 3 and prompts[0].spec.max_dynamic_patch == 2 and prompts[1].answer_gt == "blue"
 
 
+# The same multi-turn prompt with its image, system prompt and ground truth, in each format; every
+# one must read as the MMPR prompt record WANT.
+WANT = {
+    "question": "<image>\nWhat colour is it?",
+    "image": "img/red.png",
+    "history": [["Hi", "Hello"]],
+    "system": "Be brief.",
+    "answer_gt": "red",
+    "id": "q1",
+}
+OTHER_FORMAT_PROMPTS = {
+    "trl_string_completion": {
+        "prompt": "<image>\nWhat colour is it?",
+        "completion": "red",
+        "images": ["img/red.png"],
+        "id": "q1",
+    },
+    "trl_messages": {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
+        ],
+        "completion": [{"role": "assistant", "content": "red"}],
+        "images": ["img/red.png"],
+        "id": "q1",
+    },
+    "sharegpt_sft": {  # SFT data: the final assistant turn is the ground truth
+        "conversations": [
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "<image>\nWhat colour is it?"},
+            {"from": "gpt", "value": "red"},
+        ],
+        "system": "Be brief.",
+        "images": ["img/red.png"],
+        "id": "q1",
+    },
+    "alpaca": {
+        "instruction": "<image>",
+        "input": "What colour is it?",
+        "output": "red",
+        "history": [["Hi", "Hello"]],
+        "system": "Be brief.",
+        "images": ["img/red.png"],
+        "id": "q1",
+    },
+    "swift_open_prompt_with_answer_gt": {  # ends with the user turn; the ground truth given apart
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "<image>\nWhat colour is it?"},
+        ],
+        "answer_gt": "red",
+        "images": ["img/red.png"],
+        "id": "q1",
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_FORMAT_PROMPTS))
+def test_prompts_in_other_formats_read_as_the_mmpr_prompt(tmp_path, name):
+    write_images(tmp_path)
+    (tmp_path / "p.jsonl").write_text(json.dumps(OTHER_FORMAT_PROMPTS[name]) + "\n")
+    (prompt,) = read_prompts(tmp_path / "p.jsonl")
+    # A string prompt has no earlier turns or system prompt to carry.
+    single_turn = name == "trl_string_completion"
+    want = {k: v for k, v in WANT.items() if not (single_turn and k in ("history", "system"))}
+    assert prompt.record == want and prompt.key == "p/q1" and prompt.answer_gt == "red"
+
+
+def test_prompts_in_no_known_format_name_the_fields(tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"query": "Q?", "response": "A"}) + "\n")
+    with pytest.raises(
+        DataError, match="field .question. .* got missing .*trl: prompt.*found fields: query, response"
+    ) as exc:
+        read_prompts(tmp_path / "p.jsonl")
+    assert f"{tmp_path / 'p.jsonl'}:1" in str(exc.value)
+    (tmp_path / "q.jsonl").write_text(json.dumps({"messages": [{"role": "tool", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"q.jsonl:1: field 'messages'\[0\]: tool turns .*\(swift record\)"):
+        read_prompts(tmp_path / "q.jsonl")
+
+
 def test_torn_last_line_is_cut_and_keys_are_unique(tmp_path):
     path = shard_path(tmp_path, 0)
     path.write_text('{"key": "a"}\n{"key": "b"}\n{"key": "c", "sam')

@@ -5,7 +5,11 @@ A prompts file is what MMPR's annotation lines hold before pairs exist: ``questi
 the dataset's root) or ``video``, ``answer_gt`` (the ground truth, needed by ``--correctness``;
 a string or a number), optionally ``id`` (a string or an integer, unique in its dataset), and the
 multi-turn fields training reads (``history``, ``system``). Other fields are kept and ignored
-(an MMPR pair file, with ``chosen``/``rejected``, is a prompts file too).
+(an MMPR pair file, with ``chosen``/``rejected``, is a prompts file too). Records in TRL,
+LLaMA-Factory or ms-swift format are read too (``mpo.data.formats.read_prompt``): TRL's ``prompt``
+(with ``completion`` as the ground truth), a sharegpt ``conversations`` or ms-swift ``messages``
+list ending with a user turn, or with the reference answer (SFT data: that answer is the ground
+truth), alpaca's ``instruction``/``input`` (``output``); ``answer_gt`` and ``id`` fields are kept.
 
 It is given as a ``.jsonl`` file (one dataset, named after the file, rooted at its folder) or an
 MMPR meta JSON (``{name: {root, annotation, max_dynamic_patch, ...}}``, as in training). A prompt's
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpo.data.formats import PROMPT_EXPECTED, FormatError, detect, read_prompt
 from mpo.data.mmpr import DataError, DatasetSpec, is_table_source, open_source, read_meta
 from mpo.data.pairs import SampleError, media_fields, resolve_media
 
@@ -49,11 +54,26 @@ class Prompt:
         return None if value is None else str(value)
 
 
+def _as_mmpr(spec: DatasetSpec, obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """``obj`` as an MMPR prompt record: read from TRL, LLaMA-Factory or ms-swift records when it is
+    one (the meta entry's ``format``, else detected per record; ``mpo.data.formats.read_prompt``)."""
+    # A record of no known format is read as MMPR, whose check names the missing 'question'.
+    fmt = spec.format or detect(obj) or "mmpr"
+    try:
+        return read_prompt(obj, fmt, spec.llamafactory)
+    except FormatError as exc:
+        raise DataError(f"{where}: {exc} ({fmt} record)") from exc
+
+
 def _check_record(obj: dict[str, Any], where: str) -> None:
     question = obj.get("question")
     if not isinstance(question, str) or not question.strip():
         got = "missing" if "question" not in obj else f"{type(question).__name__} {question!r:.40}"
-        raise DataError(f"{where}: field 'question' must be a non-empty string, got {got}")
+        others = "; ".join(f"{f}: {e}" for f, e in PROMPT_EXPECTED.items())
+        raise DataError(
+            f"{where}: field 'question' must be a non-empty string, got {got} (the fields of a prompt in "
+            f"another format: {others}; found fields: {', '.join(obj) or 'none'})"
+        )
     gt = obj.get("answer_gt")
     if gt is not None and (isinstance(gt, bool) or not isinstance(gt, (str, int, float))):
         raise DataError(f"{where}: field 'answer_gt' must be a string or a number, got {type(gt).__name__}")
@@ -105,6 +125,7 @@ def read_prompts(path: str | Path, follow_symlinks: bool = False) -> list[Prompt
         for i in range(len(source)):
             line, obj = source.record(i)
             where = f"{spec.annotation}:{line}"
+            obj = _as_mmpr(spec, obj, where)
             _check_record(obj, where)
             _check_media(spec, obj, where, follow_symlinks)
             key = f"{spec.name}/{obj['id']}" if obj.get("id") is not None else f"{spec.name}/line{line}"

@@ -81,6 +81,7 @@ DEFAULT_COLUMNS = {
     "prompt": "instruction",
     "query": "input",
     "history": "history",
+    "response": "output",  # alpaca's reference answer: read as a prompt's ground truth (mpo pairs)
 }
 
 
@@ -504,6 +505,115 @@ def read_swift(record: dict) -> dict[str, Any]:
     system, history, question = _split_turns(prompt, "field 'messages'")
     video = _one_video("videos", record.get("videos"))
     return _record(system, history, question, chosen, rejected, _images(images, "field 'images'"), video)
+
+
+# ---- prompts (mpo pairs sample) ------------------------------------------------------------------
+PROMPT_EXPECTED = {
+    "trl": "prompt [, completion, images | image] (a string or messages; completion: the ground truth)",
+    "llamafactory": "conversations ending with a user turn or with the ground-truth answer [, images, "
+    "system] (sharegpt), or instruction [, input, output, history, images, system] (alpaca)",
+    "swift": "messages ending with a user turn or with the ground-truth answer [, images]",
+}
+
+
+def _prompt_record(
+    system: str | None, history: list[list[str]], question: str, images: list, video: str | None, gt: Any
+) -> dict[str, Any]:
+    out = _record(system, history, question, "", "", images, video)
+    del out["chosen"], out["rejected"]
+    # Absolute paths stay paths (resolved, and refused outside the root, as in MMPR prompts files).
+    if "image" in out:
+        plain = [v["path"] if isinstance(v, dict) and v.get("bytes") is None else v for v in images]
+        out["image"] = plain if len(plain) > 1 else plain[0]
+    if gt is not None:
+        out["answer_gt"] = gt
+    return out
+
+
+def _final_answer(turns: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str | None]:
+    """A conversation ending with an assistant turn (SFT data): (the prompt turns, that answer)."""
+    if turns and turns[-1][0] == "assistant":
+        return turns[:-1], turns[-1][1]
+    return turns, None
+
+
+def read_prompt(record: dict, fmt: str, options: LlamaFactoryColumns | None = None) -> dict[str, Any]:
+    """A prompt record of another format (``mpo pairs sample``) as an MMPR prompt record:
+    ``question`` [, ``image``/``video``, ``history``, ``system``, ``answer_gt``, ``id``].
+
+    The ground truth is the record's ``answer_gt`` if it has one, else its reference answer: TRL's
+    ``completion`` (prompt-completion type), a conversation's final assistant turn (SFT data in
+    LLaMA-Factory's sharegpt or ms-swift's ``messages``), or alpaca's ``output``.
+    """
+    if fmt == "mmpr":
+        return record
+    gt = None
+    if fmt == "trl":
+        _require(record, ("prompt",), "trl")
+        images = _images(record.get("images", record.get("image")), "field 'images'")
+        prompt, completion = record["prompt"], record.get("completion")
+        if isinstance(prompt, str):
+            system, history, question = None, [], prompt
+        else:
+            turns = _prefix_images(_trl_messages(prompt, "prompt"), prompt, len(images))
+            system, history, question = _split_turns(turns, "field 'prompt'")
+        if completion is not None:
+            gt = (
+                completion
+                if isinstance(completion, str)
+                else _trl_answer(_trl_messages(completion, "completion"), "completion")
+            )
+        video = None
+    elif fmt == "llamafactory":
+        o = options or LlamaFactoryColumns()
+        name, value = _column(record, o, "images")
+        images = _images(value, f"field '{name}'")
+        video = _one_video(*_column(record, o, "videos"))
+        sys_name, system = _column(record, o, "system")
+        if system is not None and not isinstance(system, str):
+            raise FormatError(f"field '{sys_name}' must be a string", "bad_system")
+        msg_name, messages = _column(record, o, "messages")
+        if o.formatting == "alpaca" or (o.formatting is None and messages is None):
+            _require_columns(record, o, ("prompt",))
+            parts = [_column(record, o, k)[1] for k in ("prompt", "query")]
+            if not all(p is None or isinstance(p, str) for p in parts):
+                raise FormatError(
+                    f"fields '{o.column('prompt')}'/'{o.column('query')}' must be strings", "bad_question"
+                )
+            question = "\n".join(p for p in parts if p)
+            hist_name, history = _column(record, o, "history")
+            history = history or []
+            if not isinstance(history, list) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(t, str) for t in h)
+                for h in history
+            ):
+                raise FormatError(
+                    f"field '{hist_name}' must be a list of [user, assistant] pairs", "bad_history"
+                )
+            history = [list(h) for h in history]
+            system = system or None
+            gt = _column(record, o, "response")[1]
+        else:
+            _require_columns(record, o, ("messages",))
+            if not _is_messages(messages):
+                raise FormatError(f"field '{msg_name}' must be a non-empty list of messages", "bad_turns")
+            tags = _sharegpt_tags(o, messages)
+            turns = [_sharegpt_turn(m, tags, f"field '{msg_name}'[{k}]") for k, m in enumerate(messages)]
+            turns, gt = _final_answer(turns)
+            own_system, history, question = _split_turns(turns, f"field '{msg_name}'")
+            system = own_system if own_system is not None else (system or None)
+    elif fmt == "swift":
+        _require(record, ("messages",), "swift")
+        turns, gt = _final_answer(_swift_turns(record["messages"], "messages"))
+        system, history, question = _split_turns(turns, "field 'messages'")
+        images = _images(record.get("images"), "field 'images'")
+        video = _one_video("videos", record.get("videos"))
+    else:
+        raise FormatError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    out = _prompt_record(system, history, question, images, video, record.get("answer_gt", gt))
+    if record.get("id") is not None:
+        out["id"] = record["id"]
+    return out
 
 
 # ---- dispatch ----------------------------------------------------------------------------------
