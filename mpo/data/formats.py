@@ -400,37 +400,46 @@ def _require_columns(record: dict, options: LlamaFactoryColumns, names: tuple[st
     _require(record, tuple(options.column(n) for n in names), "llamafactory")
 
 
-def read_llamafactory(record: dict, options: LlamaFactoryColumns | None = None) -> dict[str, Any]:
-    """A LLaMA-Factory preference record (sharegpt/openai or alpaca, ``ranking: true``)."""
-    o = options or LlamaFactoryColumns()
+def _llamafactory_common(record: dict, o: LlamaFactoryColumns) -> tuple[list, str | None, str | None, tuple]:
+    """(images, video, the system column's value, (messages column name, its value)) of a record."""
     name, value = _column(record, o, "images")
     images = _images(value, f"field '{name}'")
     video = _one_video(*_column(record, o, "videos"))
     sys_name, system = _column(record, o, "system")
     if system is not None and not isinstance(system, str):
         raise FormatError(f"field '{sys_name}' must be a string", "bad_system")
-    msg_name, messages = _column(record, o, "messages")
+    return images, video, system, _column(record, o, "messages")
+
+
+def _alpaca_prompt(record: dict, o: LlamaFactoryColumns) -> tuple[str, list[list[str]]]:
+    """An alpaca record's question (LLaMA-Factory's "instruction\\ninput") and history pairs."""
+    parts = [_column(record, o, k)[1] for k in ("prompt", "query")]
+    if not all(p is None or isinstance(p, str) for p in parts):
+        raise FormatError(
+            f"fields '{o.column('prompt')}'/'{o.column('query')}' must be strings", "bad_question"
+        )
+    hist_name, history = _column(record, o, "history")
+    history = history or []
+    if not isinstance(history, list) or not all(
+        isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(t, str) for t in h) for h in history
+    ):
+        raise FormatError(f"field '{hist_name}' must be a list of [user, assistant] pairs", "bad_history")
+    return "\n".join(p for p in parts if p), [list(h) for h in history]
+
+
+def read_llamafactory(record: dict, options: LlamaFactoryColumns | None = None) -> dict[str, Any]:
+    """A LLaMA-Factory preference record (sharegpt/openai or alpaca, ``ranking: true``)."""
+    o = options or LlamaFactoryColumns()
+    images, video, system, (msg_name, messages) = _llamafactory_common(record, o)
     if o.formatting == "alpaca" or (o.formatting is None and messages is None):
         _require_columns(record, o, ("prompt", "chosen", "rejected"))
-        parts = [_column(record, o, k)[1] for k in ("prompt", "query")]
-        if not all(p is None or isinstance(p, str) for p in parts):
-            raise FormatError(
-                f"fields '{o.column('prompt')}'/'{o.column('query')}' must be strings", "bad_question"
-            )
-        question = "\n".join(p for p in parts if p)  # LLaMA-Factory's "instruction\ninput"
-        hist_name, history = _column(record, o, "history")
-        history = history or []
-        if not isinstance(history, list) or not all(
-            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(t, str) for t in h)
-            for h in history
-        ):
-            raise FormatError(f"field '{hist_name}' must be a list of [user, assistant] pairs", "bad_history")
+        question, history = _alpaca_prompt(record, o)
         answers = [_column(record, o, k)[1] for k in ("chosen", "rejected")]
         if not all(isinstance(a, str) for a in answers):
             raise FormatError(
                 f"alpaca fields '{o.column('chosen')}'/'{o.column('rejected')}' must be strings", "bad_chosen"
             )
-        return _record(system or None, [list(h) for h in history], question, *answers, images, video)
+        return _record(system or None, history, question, *answers, images, video)
     _require_columns(record, o, ("messages", "chosen", "rejected"))
     if not _is_messages(messages):
         raise FormatError(f"field '{msg_name}' must be a non-empty list of messages", "bad_turns")
@@ -566,31 +575,10 @@ def read_prompt(record: dict, fmt: str, options: LlamaFactoryColumns | None = No
         video = None
     elif fmt == "llamafactory":
         o = options or LlamaFactoryColumns()
-        name, value = _column(record, o, "images")
-        images = _images(value, f"field '{name}'")
-        video = _one_video(*_column(record, o, "videos"))
-        sys_name, system = _column(record, o, "system")
-        if system is not None and not isinstance(system, str):
-            raise FormatError(f"field '{sys_name}' must be a string", "bad_system")
-        msg_name, messages = _column(record, o, "messages")
+        images, video, system, (msg_name, messages) = _llamafactory_common(record, o)
         if o.formatting == "alpaca" or (o.formatting is None and messages is None):
             _require_columns(record, o, ("prompt",))
-            parts = [_column(record, o, k)[1] for k in ("prompt", "query")]
-            if not all(p is None or isinstance(p, str) for p in parts):
-                raise FormatError(
-                    f"fields '{o.column('prompt')}'/'{o.column('query')}' must be strings", "bad_question"
-                )
-            question = "\n".join(p for p in parts if p)
-            hist_name, history = _column(record, o, "history")
-            history = history or []
-            if not isinstance(history, list) or not all(
-                isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(t, str) for t in h)
-                for h in history
-            ):
-                raise FormatError(
-                    f"field '{hist_name}' must be a list of [user, assistant] pairs", "bad_history"
-                )
-            history = [list(h) for h in history]
+            question, history = _alpaca_prompt(record, o)
             system = system or None
             gt = _column(record, o, "response")[1]
         else:
