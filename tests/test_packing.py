@@ -15,8 +15,6 @@ moves them by ≳ 1e-3 relative.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -320,50 +318,21 @@ def test_trainer_reads_packed_batches_under_the_budget(tiny_config):
     assert np.isfinite(metrics["eval_loss"]) and metrics["eval_rewards/accuracies"] >= 0
 
 
-def _one_sgd_step(tiny_config, tmp_path, name: str, *overrides: str):
-    """(logged loss, weight update) of one SGD step (lr 1, no clipping) on 4 text pairs whose
-    chosen answers run from 1 to 20+ tokens."""
-    from mpo.run import build_trainer
-
-    words = ["red", "The shape is a circle", "blue square on a white background with a dot", "yes " * 20]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"question": f"q{i}", "chosen": w, "rejected": "no"}) + "\n"
-                            for i, w in enumerate(words)))  # fmt: skip
-    trainer, _ = build_trainer(
-        tiny_config(
-            f"data.meta_path={data}",
-            "data.eval_meta_path=null",
-            "training.max_steps=1",
-            "training.save_strategy=no",
-            "training.optim=sgd",
-            "training.learning_rate=1.0",
-            "training.max_grad_norm=0",
-            f"training.output_dir={tmp_path / name}",
-            *overrides,
-        )  # fmt: skip
-    )
-    batches = len(trainer.get_train_dataloader())
-    start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    trainer.train()
-    loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
-    return loss, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - start, batches
-
-
 @pytest.mark.parametrize("normalization", ["sequence", "token"])
 def test_packed_step_equals_unpacked_step(tiny_config, tmp_path, normalization):
     """The loss is normalised per optimizer step: 4 pairs in one padded micro-batch, in one packed
     row, or in two packed rows (accumulated) give the same step. Tolerance as in tests/test_train.py
     (SPLIT_RTOL: float32 gradient sums of ≤ 240 terms, 100x below the normalisations' difference)."""
-    from test_train import SPLIT_RTOL
+    from test_train import SPLIT_RTOL, one_sgd_step
 
     norm = f"loss.sft_normalization={normalization}"
-    loss, delta, _ = _one_sgd_step(
+    loss, delta, _ = one_sgd_step(
         tiny_config, tmp_path, "plain", norm, "training.per_device_train_batch_size=4"
     )
     scale = delta.abs().max().item()
     assert scale > 1e-3
     for name, budget, accum in (("one_row", 4096, 1), ("two_rows", 200, 2)):
-        other_loss, other, batches = _one_sgd_step(
+        other_loss, other, batches = one_sgd_step(
             tiny_config, tmp_path, name, norm, "data.packing=true", f"data.max_tokens_per_batch={budget}",
             "data.max_length=128", f"training.gradient_accumulation_steps={accum}",
         )  # fmt: skip

@@ -203,9 +203,10 @@ def test_group_by_length_batches_have_less_padding(tiny_config, tmp_path):
     assert grouped_padded < plain_padded
 
 
-def _one_sgd_step(tiny_config, tmp_path, normalization: str, micro: int, accum: int):
-    """(logged loss, weight update) of one SGD step (lr 1, no clipping) on 4 pairs whose chosen
-    answers run from 1 to 20+ tokens, split into ``accum`` micro-batches of ``micro``."""
+def one_sgd_step(tiny_config, tmp_path, name: str, *overrides: str):
+    """(logged loss, weight update, micro-batches per epoch) of one SGD step (lr 1, no clipping) on
+    4 text pairs whose chosen answers run from 1 to 20+ tokens; ``overrides`` say how the step is
+    batched (also used by tests/test_packing.py)."""
     words = ["red", "The shape is a circle", "blue square on a white background with a dot", "yes " * 20]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "chosen": w, "rejected": "no"}) + "\n"
@@ -214,21 +215,29 @@ def _one_sgd_step(tiny_config, tmp_path, normalization: str, micro: int, accum: 
         tiny_config(
             f"data.meta_path={data}",
             "data.eval_meta_path=null",
-            f"loss.sft_normalization={normalization}",
             "training.max_steps=1",
             "training.save_strategy=no",
             "training.optim=sgd",
             "training.learning_rate=1.0",
             "training.max_grad_norm=0",
-            f"training.per_device_train_batch_size={micro}",
-            f"training.gradient_accumulation_steps={accum}",
-            f"training.output_dir={tmp_path / f'{normalization}{micro}x{accum}'}",
+            f"training.output_dir={tmp_path / name}",
+            *overrides,
         )
     )
+    batches = len(trainer.get_train_dataloader())
     start = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     trainer.train()
     loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
-    return loss, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - start
+    return loss, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]) - start, batches
+
+
+def _one_sgd_step(tiny_config, tmp_path, normalization: str, micro: int, accum: int):
+    """``one_sgd_step`` with ``accum`` micro-batches of ``micro`` pairs: (loss, weight update)."""
+    loss, delta, _ = one_sgd_step(
+        tiny_config, tmp_path, f"{normalization}{micro}x{accum}", f"loss.sft_normalization={normalization}",
+        f"training.per_device_train_batch_size={micro}", f"training.gradient_accumulation_steps={accum}",
+    )  # fmt: skip
+    return loss, delta
 
 
 # float32: each gradient entry sums ≤ 4 pairs × ~60 token terms computed with other padding and
