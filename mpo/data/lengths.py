@@ -65,6 +65,7 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -687,11 +688,17 @@ class LengthIndex:
 
     def column(self, name: str) -> np.ndarray:
         """``(N,)`` values of one column in the dataset's index order."""
+        return self._per_pair(lambda table: table[name])
+
+    def _per_pair(self, values: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """``values(table)`` of every annotation file's table, one value per pair of the dataset, in
+        its order (a single file read as it is: no copy)."""
         if self._direct:
-            return self.files[0].table[name]
-        out = np.empty(len(self), dtype=LENGTH_DTYPE[name])
-        for k, f in enumerate(self.files):
-            out[self.source.bounds[k] : self.source.bounds[k + 1]] = f.table[name][self.source.rows(k)]
+            return values(self.files[0].table)
+        parts = [values(f.table) for f in self.files]
+        out = np.empty(len(self), dtype=parts[0].dtype)
+        for k, part in enumerate(parts):
+            out[self.source.bounds[k] : self.source.bounds[k + 1]] = part[self.source.rows(k)]
         return out
 
     @property
@@ -720,35 +727,29 @@ class LengthIndex:
         ``max_length``: cap each value (what ``truncation=truncate_response`` keeps). Records that
         cannot be measured give 0.
         """
-        out = np.empty(len(self), dtype=np.int32)
-        for k, f in enumerate(self.files):
-            t = f.table
-            tokens = t["prompt"] + np.maximum(t["chosen"], t["rejected"])
-            if max_length is not None:
-                np.minimum(tokens, max_length, out=tokens)
-            if self._direct:
-                return tokens
-            out[self.source.bounds[k] : self.source.bounds[k + 1]] = tokens[self.source.rows(k)]
-        return out
+
+        def tokens(t: np.ndarray) -> np.ndarray:
+            out = t["prompt"] + np.maximum(t["chosen"], t["rejected"])
+            return out if max_length is None else np.minimum(out, max_length, out=out)
+
+        return self._per_pair(tokens)
 
     def packed_tokens(self, max_length: int, answer_prefix: int) -> np.ndarray:
         """Tokens of each pair in the packed layout ``[prefix | chosen | rejected]`` (``mpo.packing``),
         int32 ``(N,)``: both sequences, each capped at ``max_length``, less the shared prompt and
         assistant prefix (``answer_prefix`` tokens) counted once. An upper bound: the shared prefix
         is the sequences' longest common prefix, at least that long."""
-        out = np.empty(len(self), dtype=np.int32)
-        for k, f in enumerate(self.files):
-            t = f.table
+
+        def tokens(t: np.ndarray) -> np.ndarray:
             prompt = t["prompt"].astype(np.int64)
             both = np.minimum(prompt + t["chosen"], max_length) + np.minimum(
                 prompt + t["rejected"], max_length
             )
-            tokens = (both - np.minimum(prompt + answer_prefix, max_length)).astype(np.int32)
-            tokens[t["status"] != 0] = 0  # unmeasured records: the dataset skips or reports them
-            if self._direct:
-                return tokens
-            out[self.source.bounds[k] : self.source.bounds[k + 1]] = tokens[self.source.rows(k)]
-        return out
+            out = (both - np.minimum(prompt + answer_prefix, max_length)).astype(np.int32)
+            out[t["status"] != 0] = 0  # unmeasured records: the dataset skips or reports them
+            return out
+
+        return self._per_pair(tokens)
 
 
 def length_index(
