@@ -24,22 +24,11 @@ from transformers import (
 
 from mpo.data.template import DEFAULT_SYSTEM_MESSAGE
 
-# InternVL's special tokens, in the order the published tokenizers add them after the BPE vocab.
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-    "<video>",
-]
+# InternVL's added tokens (chat markers, image spans and grounding tags), and all special tokens in
+# the order the published tokenizers add them after the BPE vocab.
+IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", *CHATML_TOKENS, *IMAGE_TOKENS, "<video>"]
 
 # Sizes chosen so the demo learns on 2 CPU cores in minutes; proportions are not InternVL's.
 TINY_VISION = dict(
@@ -201,8 +190,6 @@ TINY_VIT_SIZES = dict(
     image_size=56,
     patch_size=14,
 )
-IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
-CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 
 
